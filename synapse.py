@@ -1,0 +1,2064 @@
+"""Synapse: a terminal chat client for large language models that remembers.
+
+``synapse "Hello"`` sends a message to a provider (DeepSeek, Anthropic, OpenAI,
+a local Ollama, or any OpenAI-compatible server), streams the reply to the
+terminal and stores both sides in a local SQLite database, so that the
+conversation can be listed, read, searched, exported and continued later.
+
+The module reads top to bottom in the order data flows:
+
+1. errors             -- one exception hierarchy, each with its exit code
+2. data types         -- roles, sessions, messages, cleanup records
+3. configuration      -- the TOML file, providers and where the database is
+4. storage            -- the SessionStore protocol, migrations, SqliteStore
+5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo
+6. chat flow          -- one turn: store, send, stream, store
+7. command line       -- argparse, the chat and ``sessions`` commands, the REPL
+8. main               -- the one place that maps exceptions to exit codes
+
+The contract it honours is SPEC.md.  ``requests`` is imported only when a
+provider is actually called, so ``--help``, ``--version`` and every
+``sessions`` command start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import enum
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import (
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    TextIO,
+    Tuple,
+)
+
+__version__ = "0.1.0"
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+
+# ---------------------------------------------------------------------------
+# 1. Errors
+#
+# Every failure a user can meet is one of these.  ``main`` turns them into a
+# single line on stderr and ``exit_code``; nothing else decides exit codes.
+# ---------------------------------------------------------------------------
+
+
+class SynapseError(Exception):
+    """Base of every error synapse reports to the user."""
+
+    exit_code = 1
+
+
+class UsageError(SynapseError):
+    """Bad flags, a malformed session ID, an empty message."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A bad config file, unknown provider, missing API key."""
+
+
+class StorageError(SynapseError):
+    """Anything the session store could not do."""
+
+
+class DatabaseError(StorageError):
+    """SQLite failed: locked, read-only, corrupt, not a database."""
+
+
+class SessionNotFound(StorageError):
+    def __init__(self, session_id: object, message: Optional[str] = None):
+        self.session_id = session_id
+        super().__init__(
+            message
+            or f"session {session_id} not found; `synapse sessions list` shows the sessions"
+        )
+
+
+class MigrationError(StorageError):
+    """schema.sql is unreadable or the database's schema is from the future."""
+
+
+class InvalidData(StorageError):
+    """A stored row that cannot be turned back into a record."""
+
+
+class AmbiguousSessionID(SynapseError):
+    def __init__(self, prefix: str, matches: Sequence[str]):
+        self.matches = list(matches)
+        listing = "".join(f"\n  {m}" for m in matches)
+        super().__init__(
+            f"session ID prefix '{prefix}' is ambiguous; give more characters. "
+            f"It matches:{listing}"
+        )
+
+
+class ProviderError(SynapseError):
+    """The provider could not be reached, refused, or sent a broken reply."""
+
+
+# ---------------------------------------------------------------------------
+# 2. Data types
+# ---------------------------------------------------------------------------
+
+
+class Role(str, enum.Enum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """The stored form: fixed width, UTC, so text order is time order."""
+    if moment.tzinfo is None:
+        raise InvalidData(f"timestamp {moment!r} has no time zone")
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_timestamp(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise InvalidData(f"stored timestamp {text!r} is not ISO 8601") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def new_message_id() -> uuid.UUID:
+    """A time-ordered UUID (version 7 layout).
+
+    Message IDs are never typed by users, and ordering them by time keeps the
+    primary-key index append-only, which makes inserts and bulk cleanup cheap.
+    Session IDs stay random (``uuid4``) so that short prefixes are unique.
+    """
+    millis = time.time_ns() // 1_000_000
+    value = (millis & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    value &= ~(0xF << 76)
+    value |= 0x7 << 76  # version 7
+    value &= ~(0x3 << 62)
+    value |= 0x2 << 62  # RFC 4122 variant
+    return uuid.UUID(int=value)
+
+
+@dataclass
+class Session:
+    id: uuid.UUID
+    name: Optional[str]
+    provider: str
+    model: str
+    system_prompt: Optional[str]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def new(
+        cls,
+        provider: str,
+        model: str,
+        system_prompt: Optional[str] = None,
+        name: Optional[str] = None,
+    ) -> "Session":
+        now = utc_now()
+        return cls(uuid.uuid4(), name, provider, model, system_prompt, now, now)
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    id: uuid.UUID
+    name: Optional[str]
+    provider: str
+    model: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    preview: Optional[str]
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: uuid.UUID
+    session_id: uuid.UUID
+    role: Role
+    content: str
+    timestamp: datetime
+
+    @classmethod
+    def new(cls, session_id: uuid.UUID, role: Role, content: str) -> "StoredMessage":
+        return cls(new_message_id(), session_id, Role(role), content, utc_now())
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    sessions_deleted: int
+    by_max_limit: int
+    by_retention: int
+    # Which sessions went (or, on a dry run, would go); not part of equality.
+    session_ids: Tuple[uuid.UUID, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    max_sessions: int = 100
+    retention_days: int = 90
+    auto_cleanup: bool = True
+    database_url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    session: SessionSummary
+    snippet: str
+
+
+PREVIEW_LENGTH = 50
+
+
+def make_preview(text: Optional[str], length: int = PREVIEW_LENGTH) -> Optional[str]:
+    """Whitespace runs folded to one space; past ``length``, cut with an ellipsis."""
+    if text is None:
+        return None
+    folded = " ".join(text.split())
+    if len(folded) > length:
+        return folded[: length - 1] + "\u2026"
+    return folded
+
+
+# ---------------------------------------------------------------------------
+# 3. Configuration
+#
+# Reads the TOML file once into an immutable Config; resolves which provider,
+# model, key and database a command uses.  Never touches the network or the
+# database.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """One provider as built in and as the config file amends it."""
+
+    name: str
+    kind: str  # "openai", "anthropic" or "echo"
+    base_url: Optional[str]
+    model: str
+    api_key_env: Optional[str] = None
+    api_key: Optional[str] = None
+    needs_key: bool = False
+    # The built-in openai provider sends max_completion_tokens: newer OpenAI
+    # models reject max_tokens, while other compatible servers only know it.
+    max_tokens_field: str = "max_tokens"
+
+
+BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = {
+    p.name: p
+    for p in (
+        ProviderSettings(
+            "deepseek", "openai", "https://api.deepseek.com", "deepseek-chat",
+            "DEEPSEEK_API_KEY", needs_key=True,
+        ),
+        ProviderSettings(
+            "openai", "openai", "https://api.openai.com/v1", "gpt-4o-mini",
+            "OPENAI_API_KEY", needs_key=True, max_tokens_field="max_completion_tokens",
+        ),
+        ProviderSettings(
+            "anthropic", "anthropic", "https://api.anthropic.com", "claude-sonnet-4-5",
+            "ANTHROPIC_API_KEY", needs_key=True,
+        ),
+        ProviderSettings("ollama", "openai", "http://localhost:11434/v1", "llama3.2"),
+        ProviderSettings("echo", "echo", None, "echo"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Optional[Path] = None
+    provider: str = "deepseek"
+    model: Optional[str] = None
+    api_key: Optional[str] = None
+    base_url: Optional[str] = None
+    max_tokens: int = 4096
+    temperature: Optional[float] = None
+    timeout: float = 600.0
+    system_prompt: Optional[str] = None
+    providers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+@dataclass(frozen=True)
+class Provider:
+    """The provider in force for one turn: everything a client needs."""
+
+    name: str
+    kind: str
+    base_url: Optional[str]
+    model: str
+    api_key: Optional[str]
+    max_tokens_field: str = "max_tokens"
+
+
+def config_home(env: Mapping[str, str]) -> Path:
+    xdg = env.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".config"
+    return base / "synapse"
+
+
+def warn(message: str) -> None:
+    print(f"synapse: warning: {message}", file=sys.stderr)
+
+
+# The keys a config file may hold, with the types they must have.
+_NUMBER = (int, float)
+TOP_LEVEL_KEYS: Mapping[str, tuple] = {
+    "provider": (str,),
+    "model": (str,),
+    "api_key": (str,),
+    "base_url": (str,),
+    "max_tokens": (int,),
+    "temperature": _NUMBER,
+    "timeout": _NUMBER,
+    "system_prompt": (str,),
+    "system_prompt_file": (str,),
+    "providers": (dict,),
+    "session": (dict,),
+}
+PROVIDER_KEYS: Mapping[str, tuple] = {
+    "kind": (str,),
+    "base_url": (str,),
+    "api_key": (str,),
+    "api_key_env": (str,),
+    "model": (str,),
+}
+SESSION_KEYS: Mapping[str, tuple] = {
+    "database_url": (str,),
+    "max_sessions": (int,),
+    "retention_days": (int,),
+    "auto_cleanup": (bool,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "a table"}
+
+
+def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
+                   where: str, path: Path) -> Dict[str, object]:
+    """Keep known keys of the right type; warn about unknown ones."""
+    checked: Dict[str, object] = {}
+    for key, value in table.items():
+        name = f"{where}{key}"
+        if key not in schema:
+            warn(f"unknown key '{name}' in {path} (ignored)")
+            continue
+        types = schema[key]
+        # bool is an int to Python, never to a config file.
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            wanted = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ConfigError(f"{path}: '{name}' must be {wanted}, not {value!r}")
+        checked[key] = value
+    return checked
+
+
+def find_config_path(explicit: Optional[str], env: Mapping[str, str]) -> Tuple[Path, bool]:
+    """The config file in force and whether the user named it."""
+    if explicit:
+        return Path(explicit).expanduser(), True
+    if env.get("SYNAPSE_CONFIG"):
+        return Path(env["SYNAPSE_CONFIG"]).expanduser(), True
+    return config_home(env) / "config.toml", False
+
+
+def load_config(explicit: Optional[str] = None,
+                env: Optional[Mapping[str, str]] = None) -> Config:
+    """Read and validate the config file; defaults when there is none."""
+    env = os.environ if env is None else env
+    path, named = find_config_path(explicit, env)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised by CI on Python 3.9
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+    top = _checked_table(data, TOP_LEVEL_KEYS, "", path)
+    session = _checked_table(top.pop("session", {}), SESSION_KEYS, "session.", path)
+    for key in ("max_sessions", "retention_days"):
+        if session.get(key, 0) < 0:  # type: ignore[operator]
+            raise ConfigError(f"{path}: 'session.{key}' must be 0 or more")
+    providers: Dict[str, Mapping[str, object]] = {}
+    for name, table in top.pop("providers", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: 'providers.{name}' must be a table")
+        entry = _checked_table(table, PROVIDER_KEYS, f"providers.{name}.", path)
+        if entry.get("kind", "openai") not in ("openai", "anthropic"):
+            raise ConfigError(
+                f"{path}: 'providers.{name}.kind' must be \"openai\" or \"anthropic\""
+            )
+        providers[name] = entry
+
+    for key in ("max_tokens", "timeout"):
+        if key in top and top[key] <= 0:  # type: ignore[operator]
+            raise ConfigError(f"{path}: '{key}' must be greater than 0")
+    prompt_file = top.pop("system_prompt_file", None)
+    if prompt_file is not None and "system_prompt" not in top:
+        prompt_path = path.parent / Path(str(prompt_file)).expanduser()
+        try:
+            top["system_prompt"] = prompt_path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: 'system_prompt_file' {prompt_path} cannot be read: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+
+    holds_key = "api_key" in top or any("api_key" in p for p in providers.values())
+    if holds_key and os.name == "posix" and path.stat().st_mode & 0o077:
+        warn(f"{path} holds an API key and can be read by others; run: chmod 600 {path}")
+
+    numbers = {k: float(top[k]) for k in ("temperature", "timeout") if k in top}
+    return Config(
+        path=path,
+        **{**top, **numbers},  # type: ignore[arg-type]
+        providers=providers,
+        session=SessionConfig(**session),  # type: ignore[arg-type]
+    )
+
+
+def provider_settings(config: Config, name: str) -> ProviderSettings:
+    """A built-in or ``[providers.X]`` provider with the config's amendments."""
+    table = dict(config.providers.get(name, {}))
+    if name == config.provider:
+        # Top-level api_key/base_url/model belong to the top-level provider.
+        for key in ("api_key", "base_url", "model"):
+            if getattr(config, key) is not None:
+                table[key] = getattr(config, key)
+    builtin = BUILTIN_PROVIDERS.get(name)
+    if builtin is None:
+        if name not in config.providers:
+            known = ", ".join(sorted({*BUILTIN_PROVIDERS, *config.providers}))
+            raise ConfigError(f"unknown provider '{name}'; choose one of: {known}")
+        if "base_url" not in table:
+            raise ConfigError(f"{config.path}: [providers.{name}] needs a base_url")
+        key_env = table.get("api_key_env")
+        builtin = ProviderSettings(
+            name, str(table.get("kind", "openai")), None, "",
+            key_env,  # type: ignore[arg-type]
+            needs_key=bool(key_env),
+        )
+    return replace(builtin, **{k: v for k, v in table.items() if k != "kind"})
+
+
+def resolve_provider(config: Config, name: Optional[str], model: Optional[str],
+                     env: Optional[Mapping[str, str]] = None) -> Provider:
+    """The provider for this turn; a missing API key is a ConfigError."""
+    env = os.environ if env is None else env
+    settings = provider_settings(config, name or config.provider)
+    chosen_model = model or settings.model
+    if not chosen_model:
+        raise ConfigError(
+            f"no model for provider '{settings.name}'; pass -m MODEL or set "
+            f"'model' in [providers.{settings.name}] of {config.path}"
+        )
+    key = (env.get(settings.api_key_env) if settings.api_key_env else None) or settings.api_key
+    if settings.needs_key and not key:
+        where = config.path or find_config_path(None, env)[0]
+        raise ConfigError(
+            f"no API key for {settings.name}: set {settings.api_key_env}, or api_key "
+            f"under [providers.{settings.name}] in {where}"
+        )
+    return Provider(settings.name, settings.kind, settings.base_url, chosen_model, key,
+                    settings.max_tokens_field)
+
+
+def known_secrets(config: Optional[Config], env: Mapping[str, str]) -> List[str]:
+    """Every API key synapse might hold, so that no output can show one."""
+    names = {p.api_key_env for p in BUILTIN_PROVIDERS.values() if p.api_key_env}
+    keys = []
+    if config is not None:
+        keys.append(config.api_key)
+        for table in config.providers.values():
+            keys.append(table.get("api_key"))  # type: ignore[arg-type]
+            names.add(table.get("api_key_env"))  # type: ignore[arg-type]
+    keys.extend(env.get(n) for n in names if n)
+    return sorted({k for k in keys if k and len(k) >= 4}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> str:
+    """Turn a database URL (or the default) into a file path.
+
+    Accepted: a path, ``sqlite:PATH``, ``sqlite://PATH``, ``sqlite:///ABS``,
+    each with ``~`` expanded.  Anything else with a scheme is refused.
+    """
+    env = os.environ if env is None else env
+    url = url or env.get("SYNAPSE_DATABASE_URL")
+    if not url:
+        return str(config_home(env) / "sessions.db")
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:"):]
+        if path.startswith("//"):
+            path = path[2:]  # sqlite://rel/path and sqlite:///abs/path
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+        scheme = url.split(":", 1)[0]
+        raise ConfigError(
+            f"database URL scheme '{scheme}' is not supported; only SQLite is "
+            f"(a path or sqlite:PATH)"
+        )
+    else:
+        path = url
+    if not path:
+        raise ConfigError(f"database URL '{url}' names no file")
+    return os.path.expanduser(path)
+
+
+# ---------------------------------------------------------------------------
+# 4. Storage
+#
+# The SessionStore protocol, the migration runner that reads schema.sql, and
+# SqliteStore.  Nothing here prints or knows about the command line.
+# ---------------------------------------------------------------------------
+
+
+class SessionStore(Protocol):
+    def create_session(self, session: Session) -> None: ...
+
+    def get_session(self, session_id: uuid.UUID) -> Optional[Session]: ...
+
+    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]: ...
+
+    def touch_session(self, session_id: uuid.UUID) -> None: ...
+
+    def delete_session(self, session_id: uuid.UUID) -> bool: ...
+
+    def add_message(self, message: StoredMessage) -> None: ...
+
+    def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]: ...
+
+    def cleanup(self, config: SessionConfig,
+                protect: Optional[uuid.UUID] = None) -> CleanupResult: ...
+
+
+@dataclass(frozen=True)
+class Migration:
+    number: int
+    title: str
+    statements: Tuple[str, ...]
+
+
+_MIGRATION_HEADER = re.compile(r"^--\s*migration:\s*(\d+)\s*(.*?)\s*$")
+
+
+def parse_migrations(text: str) -> List[Migration]:
+    """Split schema.sql at its ``-- migration: N title`` lines."""
+    found: List[Tuple[int, str, List[str]]] = []
+    for line in text.splitlines():
+        header = _MIGRATION_HEADER.match(line)
+        if header:
+            found.append((int(header.group(1)), header.group(2), []))
+        elif found:
+            found[-1][2].append(line)
+        elif line.strip() and not line.lstrip().startswith("--"):
+            raise MigrationError("schema.sql has SQL before its first migration header")
+    migrations = []
+    for expected, (number, title, lines) in enumerate(found, start=1):
+        if number != expected:
+            raise MigrationError(f"schema.sql: migration {number} found where {expected} belongs")
+        migrations.append(Migration(number, title, tuple(_split_statements(lines))))
+    if not migrations:
+        raise MigrationError("schema.sql holds no migrations")
+    return migrations
+
+
+def _split_statements(lines: Iterable[str]) -> Iterator[str]:
+    # sqlite3.complete_statement knows that a trigger's body holds semicolons.
+    pending = ""
+    for line in lines:
+        if not pending and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        pending += line + "\n"
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise MigrationError(f"schema.sql: unterminated statement: {pending.strip()[:60]}")
+
+
+def load_migrations(path: Path = SCHEMA_PATH) -> List[Migration]:
+    try:
+        return parse_migrations(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MigrationError(
+            f"cannot read the schema {path}: {exc.strerror or exc}; reinstall synapse"
+        ) from None
+
+
+def describe_sqlite_error(exc: BaseException, path: str) -> str:
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return f"database {path} is busy (another synapse is writing); try again"
+    if "readonly" in lowered or "read-only" in lowered:
+        return f"database {path} is read-only; check the permissions of the file and its folder"
+    if "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+        return (f"database {path} is damaged or not a synapse database ({text}); "
+                f"move it aside to start afresh")
+    if "unable to open" in lowered:
+        return f"cannot open database {path}; check that its folder exists and is writable"
+    if "disk" in lowered and "full" in lowered:
+        return f"the disk holding {path} is full; free some space"
+    return f"database {path}: {text}"
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _prepare_database_file(path: str) -> None:
+    """Refuse what is not SQLite; create the file 0600 in a 0700 folder."""
+    if path == ":memory:":
+        return
+    if os.path.isdir(path):
+        raise DatabaseError(f"database path {path} is a directory; point database_url at a file")
+    try:
+        with open(path, "rb") as existing:
+            head = existing.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        head = None
+    except OSError as exc:
+        raise DatabaseError(f"cannot read database {path}: {exc.strerror or exc}") from None
+    if head is not None:
+        if head and head != SQLITE_MAGIC:
+            raise DatabaseError(
+                f"{path} is not a SQLite database; refusing to touch it "
+                f"(set SYNAPSE_DATABASE_URL or [session] database_url to another file)"
+            )
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            os.chmod(folder, 0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another synapse created it a moment ago
+    except OSError as exc:
+        raise DatabaseError(f"cannot create database {path}: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+    finally:
+        os.close(fd)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open ``path`` with the pragmas every synapse connection uses.
+
+    Transactions are explicit (``isolation_level=None``): writers take
+    ``BEGIN IMMEDIATE`` so that concurrent processes queue on the busy
+    timeout instead of failing to upgrade a read lock.
+    """
+    _prepare_database_file(path)
+    try:
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise DatabaseError(describe_sqlite_error(exc, path)) from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # Read the version before anything can write to the file: a database
+        # from a newer synapse is refused untouched.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        latest = len(load_migrations())
+        if version > latest:
+            raise MigrationError(
+                f"database {path} has schema version {version}, newer than this "
+                f"synapse knows ({latest}); upgrade synapse"
+            )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise DatabaseError(describe_sqlite_error(exc, path)) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> int:
+    """Apply each migration above ``user_version``, each in its own transaction.
+
+    Returns the version the database is at afterwards.  Safe to run from many
+    processes at once: the version is re-read under the write lock.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    latest = migrations[-1].number if migrations else 0
+    if version > latest:
+        raise MigrationError(
+            f"database has schema version {version}, newer than this synapse "
+            f"knows ({latest}); upgrade synapse"
+        )
+    for migration in migrations:
+        if migration.number <= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if migration.number > version:
+                for statement in migration.statements:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.number:d}")
+                version = migration.number
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise MigrationError(
+                    f"migration {migration.number} ({migration.title}) failed: {exc}"
+                ) from None
+            raise
+    return version
+
+
+def _to_uuid(value: object) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidData(f"{value!r} is not a UUID") from None
+
+
+def _session_from_row(row: Sequence) -> Session:
+    return Session(_to_uuid(row[0]), row[1], row[2], row[3], row[4],
+                   parse_timestamp(row[5]), parse_timestamp(row[6]))
+
+
+def _summary_from_row(row: Sequence) -> SessionSummary:
+    return SessionSummary(_to_uuid(row[0]), row[1], row[2], row[3],
+                          parse_timestamp(row[4]), parse_timestamp(row[5]),
+                          row[6], make_preview(row[7]))
+
+
+def _message_from_row(row: Sequence) -> StoredMessage:
+    try:
+        role = Role(row[2])
+    except ValueError:
+        raise InvalidData(f"message {row[0]} has unknown role {row[2]!r}") from None
+    return StoredMessage(_to_uuid(row[0]), _to_uuid(row[1]), role, row[3],
+                         parse_timestamp(row[4]))
+
+
+# The summary columns shared by listing and search.  The preview reads only the
+# head of the first user message: a 10 MB paste need not be loaded to show 50
+# characters of it.
+_SUMMARY_COLUMNS = """
+    s.id, s.name, s.provider, s.model, s.created_at, s.updated_at,
+    (SELECT count(*) FROM messages m WHERE m.session_id = s.id),
+    (SELECT substr(m.content, 1, 2000) FROM messages m
+      WHERE m.session_id = s.id AND m.role = 'user' ORDER BY m.rowid LIMIT 1)
+"""
+
+
+class SqliteStore:
+    """The SessionStore on one SQLite file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._conn = connect(path)
+        try:
+            with self._errors():
+                apply_migrations(self._conn, load_migrations())
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "SqliteStore":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise DatabaseError(describe_sqlite_error(exc, self.path)) from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once so concurrent writers queue."""
+        with self._errors():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence = ()) -> List[tuple]:
+        with self._errors():
+            return self._conn.execute(sql, params).fetchall()
+
+    # -- the SessionStore protocol ------------------------------------------
+
+    def create_session(self, session: Session) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO sessions (id, name, provider, model, system_prompt,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (str(_to_uuid(session.id)), session.name, session.provider, session.model,
+                 session.system_prompt, format_timestamp(session.created_at),
+                 format_timestamp(session.updated_at)),
+            )
+
+    def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
+        rows = self._read(
+            "SELECT id, name, provider, model, system_prompt, created_at, updated_at"
+            " FROM sessions WHERE id = ?", (str(_to_uuid(session_id)),))
+        return _session_from_row(rows[0]) if rows else None
+
+    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
+        rows = self._read(
+            f"SELECT {_SUMMARY_COLUMNS} FROM sessions s"
+            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT ?",
+            (-1 if limit is None else limit,))
+        return [_summary_from_row(r) for r in rows]
+
+    def touch_session(self, session_id: uuid.UUID) -> None:
+        with self._write() as conn:
+            self._touch(conn, _to_uuid(session_id))
+
+    def _touch(self, conn: sqlite3.Connection, session_id: uuid.UUID, **columns: str) -> None:
+        assignments = "".join(f", {name} = ?" for name in columns)
+        cursor = conn.execute(
+            f"UPDATE sessions SET updated_at = ?{assignments} WHERE id = ?",
+            (format_timestamp(utc_now()), *columns.values(), str(session_id)))
+        if cursor.rowcount == 0:
+            raise SessionNotFound(session_id)
+
+    def delete_session(self, session_id: uuid.UUID) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM sessions WHERE id = ?",
+                                  (str(_to_uuid(session_id)),))
+            return cursor.rowcount > 0
+
+    def add_message(self, message: StoredMessage) -> None:
+        with self._write() as conn:
+            self._touch(conn, _to_uuid(message.session_id))
+            conn.execute(
+                "INSERT INTO messages (id, session_id, role, content, timestamp)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (str(_to_uuid(message.id)), str(_to_uuid(message.session_id)),
+                 Role(message.role).value, message.content,
+                 format_timestamp(message.timestamp)))
+
+    def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
+        rows = self._read(
+            "SELECT id, session_id, role, content, timestamp FROM messages"
+            " WHERE session_id = ? ORDER BY rowid", (str(_to_uuid(session_id)),))
+        return [_message_from_row(r) for r in rows]
+
+    def cleanup(self, config: SessionConfig, protect: Optional[uuid.UUID] = None,
+                dry_run: bool = False) -> CleanupResult:
+        """Apply retention, then max_sessions, in one transaction.
+
+        ``dry_run`` does the same work and rolls it back, so its counts are
+        exactly those a real run would give.
+        """
+        keep = str(_to_uuid(protect)) if protect is not None else ""
+        try:
+            with self._write() as conn:
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed"
+                             " (id TEXT PRIMARY KEY, why TEXT NOT NULL)")
+                conn.execute("DELETE FROM doomed")
+                if config.retention_days > 0:
+                    cutoff = utc_now() - timedelta(days=config.retention_days)
+                    conn.execute(
+                        "INSERT INTO doomed SELECT id, 'retention' FROM sessions"
+                        " WHERE updated_at < ? AND id != ?",
+                        (format_timestamp(cutoff), keep))
+                if config.max_sessions > 0:
+                    remaining = conn.execute(
+                        "SELECT (SELECT count(*) FROM sessions)"
+                        " - (SELECT count(*) FROM doomed)").fetchone()[0]
+                    if remaining > config.max_sessions:
+                        conn.execute(
+                            "INSERT INTO doomed SELECT id, 'max' FROM sessions"
+                            " WHERE id != ? AND id NOT IN (SELECT id FROM doomed)"
+                            " ORDER BY updated_at, created_at, rowid LIMIT ?",
+                            (keep, remaining - config.max_sessions))
+                counts = dict(conn.execute("SELECT why, count(*) FROM doomed GROUP BY why"))
+                ids = tuple(uuid.UUID(r[0]) for r in conn.execute("SELECT id FROM doomed"))
+                # Children first, in bulk: cheaper than one cascade per session.
+                conn.execute("DELETE FROM messages WHERE session_id IN (SELECT id FROM doomed)")
+                conn.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM doomed)")
+                conn.execute("DELETE FROM doomed")
+                result = CleanupResult(len(ids), counts.get("max", 0),
+                                       counts.get("retention", 0), ids)
+                if dry_run:
+                    raise _RollBack()
+        except _RollBack:
+            pass
+        return result
+
+    # -- beyond the protocol: what the command line needs ---------------------
+
+    def find_session_ids(self, prefix: str, limit: int = 20) -> List[str]:
+        """Stored IDs starting with ``prefix`` (hyphenated, lower case)."""
+        rows = self._read("SELECT id FROM sessions WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                          (prefix, prefix + "~", limit))
+        return [r[0] for r in rows]
+
+    def rename_session(self, session_id: uuid.UUID, name: Optional[str]) -> None:
+        with self._write() as conn:
+            cursor = conn.execute("UPDATE sessions SET name = ? WHERE id = ?",
+                                  (name, str(_to_uuid(session_id))))
+            if cursor.rowcount == 0:
+                raise SessionNotFound(session_id)
+
+    def switch_model(self, session_id: uuid.UUID, provider: str, model: str) -> None:
+        with self._write() as conn:
+            self._touch(conn, _to_uuid(session_id), provider=provider, model=model)
+
+    def search_sessions(self, text: str, limit: Optional[int] = None) -> List[SearchHit]:
+        """Sessions with a message containing ``text`` (any case), newest first.
+
+        One query.  An ASCII needle uses LIKE, which SQLite runs in C and which
+        ignores ASCII case; any other needle is matched with Python's
+        ``casefold`` so that "ÄRGER" finds "ärger".  ``%``, ``_`` and quotes
+        are escaped: they are plain characters here.
+        """
+        if text.isascii():
+            escaped = re.sub(r"([\\%_])", r"\\\1", text)
+            condition, needle = "m.content LIKE ? ESCAPE '\\'", f"%{escaped}%"
+        else:
+            self._conn.create_function("casefold_contains", 2, _casefold_contains,
+                                       deterministic=True)
+            condition, needle = "casefold_contains(m.content, ?)", text.casefold()
+        rows = self._read(
+            f"SELECT {_SUMMARY_COLUMNS}, hit.content FROM ("
+            "   SELECT m.session_id AS session_id, min(m.rowid) AS first_rowid"
+            f"  FROM messages m WHERE {condition} GROUP BY m.session_id"
+            " ) AS found"
+            " JOIN sessions s ON s.id = found.session_id"
+            " JOIN messages hit ON hit.rowid = found.first_rowid"
+            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT ?",
+            (needle, -1 if limit is None else limit))
+        return [SearchHit(_summary_from_row(r[:8]), make_snippet(r[8], text)) for r in rows]
+
+
+def _casefold_contains(content: Optional[str], needle: str) -> bool:
+    return content is not None and needle in content.casefold()
+
+
+class _RollBack(Exception):
+    """Raised inside a transaction to undo it on purpose (dry runs)."""
+
+
+def make_snippet(content: str, needle: str, width: int = 70) -> str:
+    """About ``width`` characters of ``content`` around the first ``needle``."""
+    at = content.casefold().find(needle.casefold())
+    at = max(at, 0)
+    start = max(0, at - (width - len(needle)) // 2)
+    piece = " ".join(content[start:start + width].split())
+    return ("\u2026" if start > 0 else "") + piece + ("\u2026" if start + width < len(content) else "")
+
+
+def create_storage(database_url: Optional[str] = None) -> SqliteStore:
+    """Open (creating and migrating as needed) the store at ``database_url``."""
+    return SqliteStore(database_path(database_url))
+
+
+# ---------------------------------------------------------------------------
+# 5. Providers
+#
+# The server-sent-events parser, the one HTTP helper (retries, timeouts,
+# error messages), and a client per protocol.  A client is a generator of
+# reply text: nothing is sent until the first piece is asked for.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    event: str
+    data: str
+
+
+class EventStreamParser:
+    """Incremental server-sent-events parser, fed raw bytes as they arrive.
+
+    Follows the SSE rules: lines end at CR, LF or CRLF (and nowhere else: no
+    ``str.splitlines``, which would also split at U+2028 inside JSON),
+    ``data:`` with or without one space, multi-line data, comment lines, and
+    events and UTF-8 characters split anywhere across reads.  Undecodable
+    bytes become U+FFFD; it never raises.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # text after the last line end
+        self._after_cr = False  # the last line ended in CR: a next LF is part of it
+        self._event = ""
+        self._data: List[str] = []
+
+    def feed(self, chunk: bytes) -> List[ServerEvent]:
+        return self._consume(self._decoder.decode(chunk))
+
+    def close(self) -> List[ServerEvent]:
+        """End of stream: a last line or event without its blank line counts."""
+        events = self._consume(self._decoder.decode(b"", final=True))
+        if self._pending:
+            events.extend(self._line(self._pending))
+            self._pending = ""
+        events.extend(self._line(""))
+        return events
+
+    def _consume(self, text: str) -> List[ServerEvent]:
+        if self._after_cr and text:
+            if text[0] == "\n":
+                text = text[1:]
+            self._after_cr = False
+        buffer = self._pending + text
+        events: List[ServerEvent] = []
+        start = 0
+        for end in _LINE_END.finditer(buffer):
+            events.extend(self._line(buffer[start:end.start()]))
+            start = end.end()
+        self._pending = buffer[start:]
+        if buffer.endswith("\r") and start == len(buffer):
+            self._after_cr = True
+        return events
+
+    def _line(self, line: str) -> List[ServerEvent]:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return []
+            event = ServerEvent(self._event or "message", "\n".join(self._data))
+            self._event, self._data = "", []
+            return [event]
+        if line.startswith(":"):
+            return []  # a comment, such as ": keep-alive"
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return []
+
+
+# CRLF first, so that it counts as one line end; a CR at the very end of a
+# read may be the first half of a CRLF and is settled by the next read.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+MAX_RETRIES = 2
+CONNECT_TIMEOUT = 10.0
+MAX_RETRY_WAIT = 30.0
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What one turn sends, whatever the protocol."""
+
+    system_prompt: Optional[str]
+    messages: Sequence[Tuple[str, str]]  # (role, content), oldest first
+    max_tokens: int = 4096
+    temperature: Optional[float] = None
+    timeout: float = 600.0
+    stream: bool = True
+
+
+def retry_delay(attempt: int, headers: Mapping[str, str]) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based).
+
+    ``retry-after-ms`` (OpenAI, Anthropic) wins over ``Retry-After``; both
+    are capped at 30 s.  Without them: 1 s, 2 s, ...
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return min(max(float(value) * scale, 0.0), MAX_RETRY_WAIT)
+        except ValueError:
+            continue  # an HTTP date: fall back to backoff
+    return float(2 ** attempt)
+
+
+def _error_details(body: bytes) -> Tuple[Optional[str], Optional[str]]:
+    """(type or code, message) from an error body of any provider."""
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return None, None
+    error = data.get("error", data) if isinstance(data, dict) else None
+    if isinstance(error, str):
+        return None, error  # Ollama: {"error": "model 'x' not found"}
+    if not isinstance(error, dict):
+        return None, None
+    kind = error.get("type") or error.get("code")
+    if kind == "error":  # Anthropic's outer {"type": "error"} wrapper
+        kind = None
+    message = error.get("message")
+    return (str(kind) if kind else None), (str(message) if message is not None else None)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def describe_http_error(provider: str, status: int, reason: str, body: bytes,
+                        content_type: str) -> str:
+    kind, message = _error_details(body)
+    if message:
+        label = f" ({kind})" if kind else ""
+        text = f"{provider} returned {status}{label}: {_one_line(message)}"
+    elif not body.strip():
+        text = f"{provider} returned {status} {reason} with an empty body"
+    elif "html" in content_type.lower() or body.lstrip()[:1] == b"<":
+        text = f"{provider} returned {status} {reason} as an HTML page (is base_url right?)"
+    else:
+        text = f"{provider} returned {status} {reason}: {_one_line(body.decode('utf-8', 'replace'))}"
+    hints = {401: "check the API key", 403: "check the API key and its permissions",
+             404: "check the model name and base_url"}
+    return text + (f"; {hints[status]}" if status in hints else "")
+
+
+def _is_permanent(status: int, body: bytes) -> bool:
+    """A 429 for an empty account will not pass by waiting."""
+    if status != 429:
+        return False
+    try:
+        error = json.loads(body.decode("utf-8", "replace")).get("error", {})
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
+
+
+def _network_reason(exc: BaseException) -> str:
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    if found:
+        return found.group(1).strip()
+    return type(exc).__name__
+
+
+def post_json(provider: Provider, url: str, headers: Mapping[str, str],
+              payload: Mapping[str, object], timeout: float,
+              sleep: Callable[[float], None] = time.sleep):
+    """POST ``payload``; the 2xx response, streaming, or ProviderError.
+
+    Retries connection errors and 429/5xx/529 up to MAX_RETRIES times.  It
+    runs before any reply text exists, so a retry can never repeat output.
+    """
+    import requests  # deferred: costs ~70 ms, and only chat needs it
+
+    body = json.dumps(payload).encode("utf-8")
+    headers = {"Content-Type": "application/json", **headers}
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            response = requests.post(url, data=body, headers=headers, stream=True,
+                                     timeout=(CONNECT_TIMEOUT, timeout))
+        except requests.exceptions.Timeout:
+            error = ProviderError(
+                f"{provider.name} did not answer within {timeout:g} s; try again, "
+                f"or raise 'timeout' in the config")
+            retry_headers: Mapping[str, str] = {}
+        except (requests.exceptions.RequestException, OSError) as exc:
+            error = ProviderError(
+                f"cannot reach {provider.name} at {provider.base_url}: "
+                f"{_network_reason(exc)}; check the network and base_url")
+            retry_headers = {}
+        else:
+            if response.status_code < 300:
+                return response
+            try:
+                content = response.content
+            except (requests.exceptions.RequestException, OSError):
+                content = b""
+            finally:
+                response.close()
+            error = ProviderError(describe_http_error(
+                provider.name, response.status_code, response.reason or "",
+                content, response.headers.get("content-type", "")))
+            if (response.status_code not in RETRY_STATUSES
+                    or _is_permanent(response.status_code, content)):
+                raise error
+            retry_headers = {k.lower(): v for k, v in response.headers.items()}
+        if attempt == MAX_RETRIES:
+            raise error
+        sleep(retry_delay(attempt, retry_headers))
+    raise AssertionError("unreachable")
+
+
+def iter_response_bytes(response, provider: Provider) -> Iterator[bytes]:
+    """The body as the network delivers it, one read at a time."""
+    import requests
+
+    raw = response.raw
+    try:
+        if hasattr(raw, "read1"):  # urllib3 >= 2: returns what has arrived
+            while True:
+                chunk = raw.read1(65536)
+                if not chunk:
+                    return
+                yield chunk
+        else:  # pragma: no cover - urllib3 1.x
+            yield from response.iter_content(chunk_size=1)
+    except (requests.exceptions.RequestException, OSError, _urllib3_errors()) as exc:
+        raise ProviderError(
+            f"the connection to {provider.name} broke mid-reply ({_network_reason(exc)}); "
+            f"the partial reply was kept") from None
+    finally:
+        response.close()
+
+
+def _urllib3_errors() -> type:
+    import urllib3
+
+    return urllib3.exceptions.HTTPError
+
+
+def iter_events(response, provider: Provider) -> Iterator[ServerEvent]:
+    parser = EventStreamParser()
+    for chunk in iter_response_bytes(response, provider):
+        yield from parser.feed(chunk)
+    yield from parser.close()
+
+
+def _json_event(provider: Provider, data: str) -> dict:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ProviderError(
+            f"{provider.name} sent a malformed stream event: {_one_line(data, 80)!r}") from None
+    if not isinstance(value, dict):
+        raise ProviderError(f"{provider.name} sent an unexpected stream event: {_one_line(data, 80)!r}")
+    return value
+
+
+def _stream_error(provider: Provider, value: Mapping[str, object]) -> ProviderError:
+    kind, message = _error_details(json.dumps(value).encode())
+    label = f" ({kind})" if kind else ""
+    return ProviderError(f"{provider.name} reported an error mid-reply{label}: "
+                         f"{_one_line(message or 'no details')}")
+
+
+def _response_kind(response, provider: Provider) -> str:
+    """"events" or "json"; an HTML page or other surprise is an error."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "json" in content_type:
+        return "json"
+    if "html" in content_type:
+        response.close()
+        raise ProviderError(
+            f"{provider.name} answered with an HTML page, not a reply (is base_url right?)")
+    return "events"
+
+
+def _json_body(response, provider: Provider) -> dict:
+    body = b"".join(iter_response_bytes(response, provider))
+    try:
+        value = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        raise ProviderError(f"{provider.name} sent a reply that is not JSON: "
+                            f"{_one_line(body.decode('utf-8', 'replace'), 80)!r}") from None
+    if not isinstance(value, dict):
+        raise ProviderError(f"{provider.name} sent an unexpected reply: {_one_line(str(value), 80)}")
+    if "error" in value:
+        raise _stream_error(provider, value)
+    return value
+
+
+def _missing_end(provider: Provider, marker: str) -> ProviderError:
+    return ProviderError(f"{provider.name} ended the reply before {marker}; "
+                         f"the partial reply was kept")
+
+
+def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
+    """OpenAI chat completions, also DeepSeek, Ollama and compatible servers."""
+    messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
+    messages += [{"role": role, "content": content} for role, content in request.messages]
+    payload: Dict[str, object] = {"model": provider.model, "messages": messages,
+                                  "stream": request.stream,
+                                  provider.max_tokens_field: request.max_tokens}
+    if request.temperature is not None:
+        payload["temperature"] = request.temperature
+    headers = {"Accept": "text/event-stream" if request.stream else "application/json"}
+    if provider.api_key:
+        headers["Authorization"] = f"Bearer {provider.api_key}"
+    url = f"{(provider.base_url or '').rstrip('/')}/chat/completions"
+    response = post_json(provider, url, headers, payload, request.timeout)
+
+    if _response_kind(response, provider) == "json":
+        choices = _json_body(response, provider).get("choices") or [{}]
+        content = (choices[0].get("message") or {}).get("content")
+        if content:
+            yield content
+        return
+    for event in iter_events(response, provider):
+        data = event.data.strip()
+        if data == "[DONE]":
+            return
+        if not data:
+            continue
+        value = _json_event(provider, data)
+        if "error" in value:
+            raise _stream_error(provider, value)
+        # Azure sends filter results with no choices first; usage comes last.
+        choices = value.get("choices") or []
+        delta = (choices[0].get("delta") or {}) if choices and isinstance(choices[0], dict) else {}
+        # reasoning_content (DeepSeek's thinking) is not the reply: skipped.
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            yield content
+    raise _missing_end(provider, "data: [DONE]")
+
+
+def anthropic_messages(messages: Sequence[Tuple[str, str]]) -> List[Dict[str, str]]:
+    """Alternating roles starting with user, as the Messages API demands."""
+    merged: List[Dict[str, str]] = []
+    for role, content in messages:
+        if not merged and role != "user":
+            continue  # the API refuses a conversation that opens with the assistant
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] += "\n\n" + content
+        else:
+            merged.append({"role": role, "content": content})
+    return merged
+
+
+def stream_anthropic_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
+    """Anthropic Messages."""
+    payload: Dict[str, object] = {"model": provider.model, "max_tokens": request.max_tokens,
+                                  "messages": anthropic_messages(request.messages),
+                                  "stream": request.stream}
+    if request.system_prompt:
+        payload["system"] = request.system_prompt
+    if request.temperature is not None:
+        payload["temperature"] = request.temperature
+    headers = {"anthropic-version": "2023-06-01",
+               "Accept": "text/event-stream" if request.stream else "application/json"}
+    if provider.api_key:
+        headers["x-api-key"] = provider.api_key
+    url = f"{(provider.base_url or '').rstrip('/')}/v1/messages"
+    response = post_json(provider, url, headers, payload, request.timeout)
+
+    if _response_kind(response, provider) == "json":
+        for block in _json_body(response, provider).get("content") or []:
+            if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                yield block["text"]
+        return
+    for event in iter_events(response, provider):
+        if not event.data.strip():
+            continue
+        value = _json_event(provider, event.data)
+        kind = value.get("type", event.event)
+        if kind == "content_block_delta":
+            delta = value.get("delta") or {}
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                yield delta["text"]
+        elif kind == "message_stop":
+            return
+        elif kind == "error":
+            raise _stream_error(provider, value)
+    raise _missing_end(provider, "message_stop")
+
+
+def stream_echo(provider: Provider, request: ChatRequest) -> Iterator[str]:
+    """The last user message back, a word at a time (large ones in pieces)."""
+    text = next((c for r, c in reversed(request.messages) if r == "user"), "")
+    if len(text) > 65536:
+        for start in range(0, len(text), 16384):
+            yield text[start:start + 16384]
+        return
+    yield from re.findall(r"\s*\S+\s*|\s+", text)
+
+
+CLIENTS: Mapping[str, Callable[[Provider, ChatRequest], Iterator[str]]] = {
+    "openai": stream_openai_chat,
+    "anthropic": stream_anthropic_chat,
+    "echo": stream_echo,
+}
+
+
+# ---------------------------------------------------------------------------
+# 6. Chat flow
+#
+# One turn: commit the user message, send the conversation, stream the reply
+# to ``out`` as it arrives, keep the reply -- also a partial one when the
+# user presses Ctrl-C or the provider fails mid-reply.
+# ---------------------------------------------------------------------------
+
+
+def clean_text(text: str) -> str:
+    """Command-line text with undecodable bytes made U+FFFD (never a crash)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def read_message(argument: Optional[str], stdin: Optional[TextIO]) -> str:
+    """MESSAGE, piped stdin, or both: the piped text, a blank line, MESSAGE."""
+    parts = []
+    if stdin is not None and not stdin.isatty():
+        piped = stdin.buffer.read().decode("utf-8", "replace").rstrip()
+        if piped:
+            parts.append(piped)
+    if argument is not None:
+        parts.append(clean_text(argument))
+    message = "\n\n".join(parts)
+    if not message.strip():
+        raise UsageError("the message is empty; give one as an argument or pipe text in")
+    return message
+
+
+def build_request(session: Session, history: Sequence[StoredMessage], config: Config,
+                  stream: bool) -> ChatRequest:
+    return ChatRequest(
+        system_prompt=session.system_prompt,
+        messages=[(m.role.value, m.content) for m in history if m.role != Role.SYSTEM],
+        max_tokens=config.max_tokens, temperature=config.temperature,
+        timeout=config.timeout, stream=stream)
+
+
+def run_turn(store: SqliteStore, session: Session, history: List[StoredMessage], text: str,
+             provider: Provider, config: Config, out: TextIO, stream: bool = True) -> str:
+    """Store ``text``, stream the reply to ``out``, store the reply.
+
+    ``history`` (the session's messages so far) grows by the turn's messages.
+    On any exception mid-reply the text that arrived is stored before the
+    exception goes on.
+    """
+    user_message = StoredMessage.new(session.id, Role.USER, text)
+    store.add_message(user_message)  # committed before any network call
+    history.append(user_message)
+    pieces: List[str] = []
+
+    def keep_reply() -> None:
+        reply = "".join(pieces)
+        if reply:
+            assistant = StoredMessage.new(session.id, Role.ASSISTANT, reply)
+            store.add_message(assistant)
+            history.append(assistant)
+
+    try:
+        for piece in CLIENTS[provider.kind](provider, build_request(session, history, config, stream)):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except BaseException:
+        try:
+            if pieces:
+                out.write("\n")
+                out.flush()
+        finally:
+            keep_reply()
+        raise
+    out.write("\n")
+    out.flush()
+    keep_reply()
+    return "".join(pieces)
+
+
+# ---------------------------------------------------------------------------
+# 7. Command line
+#
+# argparse for ``synapse [OPTIONS] [MESSAGE]`` and ``synapse sessions ...``,
+# the handlers, and interactive mode.  Handlers return an exit code or raise
+# a SynapseError; they print, nothing below them does.
+# ---------------------------------------------------------------------------
+
+
+CHAT_EPILOG = """\
+session commands:
+  synapse sessions list [--limit N] [--json]
+  synapse sessions show ID [--json]
+  synapse sessions delete ID [ID ...]
+  synapse sessions rename ID NAME
+  synapse sessions export ID [--format markdown|json] [-o FILE]
+  synapse sessions search TEXT [--limit N] [--json]
+  synapse sessions cleanup [--dry-run]
+
+examples:
+  synapse -p echo "Hello"                 try it with no account
+  synapse "Explain SQLite WAL mode"       ask the default provider (deepseek)
+  cat app.py | synapse "review this"      piped text, a blank line, then MESSAGE
+  synapse -C "and in Rust?"               continue the latest session
+  synapse -r                              interactive mode
+
+IDs are full UUIDs or unique prefixes of at least 4 hex characters.
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 Ctrl-C.
+"""
+
+
+def build_chat_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synapse", description="Chat with large language models from the terminal; "
+        "every conversation is kept in a local SQLite database.",
+        epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("message", nargs="*", metavar="MESSAGE",
+                        help="the message (words are joined by spaces); stdin is read when piped")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("-s", "--session", metavar="ID", help="continue that session")
+    which.add_argument("-C", "--continue", dest="continue_latest", action="store_true",
+                       help="continue the most recently updated session")
+    parser.add_argument("-p", "--provider", metavar="NAME",
+                        help="deepseek, openai, anthropic, ollama, echo or a [providers.X] name")
+    parser.add_argument("-m", "--model", metavar="NAME", help="model for this turn")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt for a new session")
+    parser.add_argument("--name", metavar="TEXT", help="name for a new session")
+    parser.add_argument("-r", "--repl", action="store_true", help="interactive mode")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="ask the provider for one non-streaming response")
+    _add_config_option(parser)
+    parser.add_argument("-V", "--version", action="version", version=f"synapse {__version__}")
+    return parser
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="PATH",
+                        help="config file (default: $SYNAPSE_CONFIG, then "
+                             "$XDG_CONFIG_HOME/synapse/config.toml)")
+
+
+def build_sessions_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synapse sessions",
+                                     description="List, read, search and tidy stored sessions.")
+    _add_config_option(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_config_option(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    listing = command("list", command_list, "list sessions, most recently updated first")
+    listing.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    show = command("show", command_show, "print a session and its messages")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    delete = command("delete", command_delete, "delete sessions and their messages")
+    delete.add_argument("ids", nargs="+", metavar="ID")
+    rename = command("rename", command_rename, "set a session's name")
+    rename.add_argument("id", metavar="ID")
+    rename.add_argument("name", metavar="NAME")
+    export = command("export", command_export, "export a session as Markdown or JSON")
+    export.add_argument("id", metavar="ID")
+    export.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    search = command("search", command_search,
+                     "find sessions with a message containing TEXT (any case)")
+    search.add_argument("text", metavar="TEXT")
+    search.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N")
+    search.add_argument("--json", action="store_true", help="print a JSON array")
+    cleanup = command("cleanup", command_cleanup,
+                      "delete sessions past retention_days or over max_sessions now")
+    cleanup.add_argument("--dry-run", action="store_true", help="delete nothing; say what would go")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """``sessions ...`` (after any ``-c PATH``) goes to its own parser."""
+    rest = list(argv)
+    while rest[:1] in (["-c"], ["--config"]) and len(rest) > 1 or rest[:1] and rest[0].startswith("--config="):
+        rest = rest[1:] if rest[0].startswith("--config=") else rest[2:]
+    if rest[:1] == ["sessions"]:
+        position = len(argv) - len(rest)
+        args = build_sessions_parser().parse_args([*argv[position + 1:], *argv[:position]])
+        return args
+    parser = build_chat_parser()
+    args = parser.parse_args(argv)
+    args.handler = command_chat
+    args.parser = parser
+    return args
+
+
+# -- shared helpers ----------------------------------------------------------
+
+
+def open_store(config: Config) -> SqliteStore:
+    return SqliteStore(database_path(config.session.database_url))
+
+
+_UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
+
+
+def resolve_session_id(store: SqliteStore, text: str) -> uuid.UUID:
+    """A full UUID or a unique prefix of 4+ hex digits, hyphens optional."""
+    compact = text.strip().replace("-", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{4,32}", compact):
+        raise UsageError(f"'{text}' is not a session ID; give a UUID or at least "
+                         f"4 of its leading hex characters")
+    if len(compact) == 32:
+        return uuid.UUID(compact)
+    prefix = "-".join(compact[a:b] for a, b in _UUID_PIECES if compact[a:b])
+    matches = store.find_session_ids(prefix, limit=11)
+    if not matches:
+        raise SessionNotFound(text)
+    if len(matches) > 1:
+        raise AmbiguousSessionID(text, matches[:10] + (["..."] if len(matches) > 10 else []))
+    return uuid.UUID(matches[0])
+
+
+def load_session(store: SqliteStore, text: str) -> Session:
+    session = store.get_session(resolve_session_id(store, text))
+    if session is None:
+        raise SessionNotFound(text)
+    return session
+
+
+def local_time(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _fit(text: Optional[str], width: int) -> str:
+    """One table cell: control characters blanked, cut by characters."""
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", text or "")
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "\u2026"
+
+
+def summary_json(summary: SessionSummary) -> Dict[str, object]:
+    return {"id": str(summary.id), "name": summary.name, "provider": summary.provider,
+            "model": summary.model, "created_at": format_timestamp(summary.created_at),
+            "updated_at": format_timestamp(summary.updated_at),
+            "message_count": summary.message_count, "preview": summary.preview}
+
+
+def session_json(session: Session, messages: Sequence[StoredMessage]) -> Dict[str, object]:
+    return {"id": str(session.id), "name": session.name, "provider": session.provider,
+            "model": session.model, "system_prompt": session.system_prompt,
+            "created_at": format_timestamp(session.created_at),
+            "updated_at": format_timestamp(session.updated_at),
+            "messages": [{"id": str(m.id), "role": m.role.value, "content": m.content,
+                          "timestamp": format_timestamp(m.timestamp)} for m in messages]}
+
+
+def print_json(value: object, out: TextIO) -> None:
+    json.dump(value, out, ensure_ascii=False, indent=2)
+    out.write("\n")
+
+
+# -- sessions commands ---------------------------------------------------------
+
+
+def command_list(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        summaries = store.list_sessions(args.limit)
+    if args.json:
+        print_json([summary_json(s) for s in summaries], sys.stdout)
+        return 0
+    if not summaries:
+        print("No sessions found.")
+        return 0
+    import shutil
+
+    columns = shutil.get_terminal_size((120, 24)).columns
+    widths = {"ID": 36, "NAME": 20, "PROVIDER": 10, "MODEL": 20, "CREATED": 16, "MESSAGES": 8}
+    widths["PREVIEW"] = max(columns - sum(widths.values()) - 2 * len(widths), 20)
+    rows = [list(widths)]
+    for s in summaries:
+        rows.append([str(s.id), s.name, s.provider, s.model, local_time(s.created_at),
+                     str(s.message_count), s.preview])
+    sizes = [max(len(_fit(r[i], w)) for r in rows) for i, w in enumerate(widths.values())]
+    lines = []
+    for row in rows:
+        cells = [_fit(cell, w).ljust(size) for cell, w, size in zip(row, widths.values(), sizes)]
+        lines.append("  ".join(cells).rstrip())
+    print("\n".join(lines))
+    return 0
+
+
+def command_show(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        session = load_session(store, args.id)
+        messages = store.get_messages(session.id)
+    if args.json:
+        print_json(session_json(session, messages), sys.stdout)
+        return 0
+    lines = [f"Session:  {session.id}"]
+    if session.name:
+        lines.append(f"Name:     {session.name}")
+    lines += [f"Provider: {session.provider}", f"Model:    {session.model}",
+              f"Created:  {local_time(session.created_at)}",
+              f"Updated:  {local_time(session.updated_at)}"]
+    if session.system_prompt:
+        lines.append(f"System:   {session.system_prompt}")
+    lines.append("")
+    for message in messages:
+        lines += [f"[{message.role.value.upper()}]", message.content, ""]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def command_delete(args: argparse.Namespace, config: Config) -> int:
+    worst = 0
+    with open_store(config) as store:
+        for text in args.ids:
+            try:
+                session_id = resolve_session_id(store, text)
+                if not store.delete_session(session_id):
+                    raise SessionNotFound(text)
+            except (UsageError, SessionNotFound, AmbiguousSessionID) as exc:
+                print(f"synapse: error: {exc}", file=sys.stderr)
+                worst = max(worst, exc.exit_code)
+                continue
+            print(f"Deleted session {session_id}")
+    return worst
+
+
+def command_rename(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        session_id = resolve_session_id(store, args.id)
+        name = clean_text(args.name).strip() or None
+        store.rename_session(session_id, name)
+    print(f"Renamed session {session_id} to {name!r}" if name else f"Cleared the name of session {session_id}")
+    return 0
+
+
+def export_markdown(session: Session, messages: Sequence[StoredMessage]) -> str:
+    lines = [f"# {session.name or 'Session ' + str(session.id)}", "",
+             f"- Session: `{session.id}`", f"- Provider: {session.provider}",
+             f"- Model: {session.model}", f"- Created: {format_timestamp(session.created_at)}",
+             f"- Updated: {format_timestamp(session.updated_at)}", ""]
+    if session.system_prompt:
+        lines += ["## System", "", session.system_prompt, ""]
+    for message in messages:
+        lines += [f"## {message.role.value.capitalize()}", "", message.content, ""]
+    return "\n".join(lines)
+
+
+def command_export(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        session = load_session(store, args.id)
+        messages = store.get_messages(session.id)
+    if args.format == "json":
+        text = json.dumps(session_json(session, messages), ensure_ascii=False, indent=2) + "\n"
+    else:
+        text = export_markdown(session, messages)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).expanduser().write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise SynapseError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(f"Exported session {session.id} to {args.output}")
+    return 0
+
+
+def command_search(args: argparse.Namespace, config: Config) -> int:
+    text = clean_text(args.text)
+    if not text:
+        raise UsageError("the search text is empty")
+    with open_store(config) as store:
+        hits = store.search_sessions(text, args.limit)
+    if args.json:
+        print_json([{**summary_json(h.session), "snippet": h.snippet} for h in hits], sys.stdout)
+        return 0
+    if not hits:
+        print(f"No sessions match {text!r}.")
+        return 0
+    for hit in hits:
+        s = hit.session
+        title = f"  {_fit(s.name, 40)}" if s.name else ""
+        print(f"{s.id}  {local_time(s.updated_at)}  {s.provider}/{s.model}{title}")
+        print(f"    {_fit(hit.snippet, 100)}")
+    return 0
+
+
+def command_cleanup(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        result = store.cleanup(config.session, dry_run=args.dry_run)
+    counts = (f"{result.sessions_deleted} sessions ({result.by_max_limit} over max_sessions, "
+              f"{result.by_retention} past retention_days)")
+    if not args.dry_run:
+        print(f"Deleted {counts}")
+        return 0
+    print(f"Would delete {counts}; nothing was deleted (dry run)")
+    for session_id in result.session_ids:
+        print(f"  {session_id}")
+    return 0
+
+
+# -- chat --------------------------------------------------------------------------
+
+
+def command_chat(args: argparse.Namespace, config: Config) -> int:
+    stdin = sys.stdin
+    if args.repl:
+        return run_repl(args, config)
+    if not args.message and (stdin is None or stdin.isatty()):
+        args.parser.print_help()
+        return 0
+    continuing = bool(args.session or args.continue_latest)
+    # Resolve the provider before reading or writing anything: a missing key
+    # must leave no trace.  A continued session's provider comes from the store.
+    provider = None if continuing and not args.provider else resolve_provider(
+        config, args.provider, args.model)
+    message = read_message(" ".join(args.message) if args.message else None, stdin)
+
+    with open_store(config) as store:
+        session, provider, history = start_session(store, args, config, provider)
+        run_turn(store, session, history, message, provider, config, sys.stdout,
+                 stream=not args.no_stream)
+    if not continuing and sys.stderr.isatty():
+        print(f"session: {session.id}", file=sys.stderr)
+    return 0
+
+
+def start_session(store: SqliteStore, args: argparse.Namespace, config: Config,
+                  provider: Optional[Provider]) -> Tuple[Session, Provider, List[StoredMessage]]:
+    """Steps 4 and 5 of the chat flow: cleanup, then the session to talk in."""
+    session: Optional[Session] = None
+    if args.session:
+        session = load_session(store, args.session)
+    elif args.continue_latest:
+        latest = store.list_sessions(limit=1)
+        if not latest:
+            raise SessionNotFound(None, "there is no session to continue; start one with "
+                                        "synapse \"MESSAGE\"")
+        session = store.get_session(latest[0].id)
+    if session is not None and provider is None:
+        provider = resolve_provider(config, session.provider, args.model or session.model)
+    assert provider is not None
+    if session is not None and (args.system or args.name):
+        warn("--system and --name apply to new sessions; ignored when continuing")
+    if config.session.auto_cleanup:
+        store.cleanup(config.session, protect=session.id if session else None)
+    if session is None:
+        session = Session.new(provider.name, provider.model,
+                              clean_text(args.system) if args.system else config.system_prompt,
+                              clean_text(args.name) if args.name else None)
+        store.create_session(session)
+        return session, provider, []
+    if (provider.name, provider.model) != (session.provider, session.model):
+        store.switch_model(session.id, provider.name, provider.model)
+        session = replace(session, provider=provider.name, model=provider.model)
+    return session, provider, store.get_messages(session.id)
+
+
+# -- interactive mode --------------------------------------------------------------
+
+
+REPL_HELP = """\
+Type a message and press Enter.  Commands:
+  /help      this help
+  /new       start a new session
+  /session   print the current session ID
+  /exit      leave (also /quit or Ctrl-D)
+Ctrl-C stops a reply (what arrived is kept); Ctrl-C at the prompt leaves."""
+
+
+def _open_history(database: str) -> Optional[str]:
+    """Turn on readline with a private history file beside the database."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - Windows without pyreadline
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(database)), "history")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+        readline.read_history_file(path)
+    except OSError:
+        return None
+    readline.set_history_length(1000)
+    return path
+
+
+def _save_history(path: Optional[str]) -> None:
+    if path is None:
+        return
+    import readline
+
+    with contextlib.suppress(OSError):
+        readline.write_history_file(path)
+        os.chmod(path, 0o600)
+
+
+def run_repl(args: argparse.Namespace, config: Config) -> int:
+    stdin = sys.stdin
+    if stdin is None:
+        raise UsageError("interactive mode needs standard input")
+    interactive = stdin.isatty()
+    if not interactive:
+        stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
+    if args.message:
+        raise UsageError("interactive mode takes no MESSAGE; type it at the prompt")
+    continuing = bool(args.session or args.continue_latest)
+    provider = None if continuing and not args.provider else resolve_provider(
+        config, args.provider, args.model)
+    session: Optional[Session] = None
+    history: List[StoredMessage] = []
+    exit_code = 0
+    with open_store(config) as store:
+        if continuing:
+            session, provider, history = start_session(store, args, config, provider)
+        elif config.session.auto_cleanup:
+            store.cleanup(config.session)
+        assert provider is not None
+        history_file = _open_history(store.path) if interactive else None
+        if interactive:
+            print(f"synapse {__version__} - {provider.name}/{provider.model}. "
+                  f"/help for commands, Ctrl-D to leave.", file=sys.stderr)
+        try:
+            while True:
+                try:
+                    line = input("> ") if interactive else stdin.readline()
+                except EOFError:
+                    line = ""
+                except KeyboardInterrupt:
+                    print(file=sys.stderr)
+                    exit_code = 130
+                    break
+                if not interactive and not line:
+                    break  # end of piped input
+                text = clean_text(line).strip()
+                if not text and interactive:
+                    if line == "":
+                        print(file=sys.stderr)  # Ctrl-D: end the prompt line
+                        break
+                    continue
+                if not text:
+                    continue
+                if text in ("/exit", "/quit"):
+                    break
+                if text == "/help":
+                    print(REPL_HELP)
+                    continue
+                if text == "/session":
+                    print(session.id if session else "no session yet: it starts with your first message")
+                    continue
+                if text == "/new":
+                    if session is not None:
+                        print(f"session: {session.id}", file=sys.stderr)
+                    session, history = None, []
+                    print("Started a new session.", file=sys.stderr)
+                    continue
+                if text.startswith("/") and " " not in text:
+                    print(f"synapse: error: unknown command {text}; /help lists them", file=sys.stderr)
+                    continue
+                if session is None:
+                    session = Session.new(provider.name, provider.model,
+                                          clean_text(args.system) if args.system else config.system_prompt,
+                                          clean_text(args.name) if args.name else None)
+                    store.create_session(session)
+                try:
+                    run_turn(store, session, history, text, provider, config, sys.stdout,
+                             stream=not args.no_stream)
+                except KeyboardInterrupt:
+                    print("(reply stopped; what arrived was kept)", file=sys.stderr)
+                except ProviderError as exc:
+                    print(f"synapse: error: {redact(str(exc), known_secrets(config, os.environ))}",
+                          file=sys.stderr)
+                    exit_code = 1
+        finally:
+            _save_history(history_file)
+            if session is not None:
+                print(f"session: {session.id}", file=sys.stderr)
+    return exit_code if exit_code == 130 else 0
+
+
+# ---------------------------------------------------------------------------
+# 8. main: the one place that turns exceptions into messages and exit codes.
+# ---------------------------------------------------------------------------
+
+
+def report_error(message: str, secrets: Sequence[str]) -> None:
+    if os.environ.get("SYNAPSE_DEBUG"):
+        import traceback
+
+        print(redact(traceback.format_exc(), secrets), file=sys.stderr, end="")
+    print(f"synapse: error: {redact(message, secrets)}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config: Optional[Config] = None
+    try:
+        args = parse_arguments(argv)
+        config = load_config(args.config)
+        return args.handler(args, config)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except KeyboardInterrupt:
+        return 130
+    except SynapseError as exc:
+        report_error(str(exc), known_secrets(config, os.environ))
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (synapse ... | head): not worth a message.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug: still one line, traceback on request
+        report_error(f"unexpected {type(exc).__name__}: {exc} (run with SYNAPSE_DEBUG=1 "
+                     f"for a traceback and report it)", known_secrets(config, os.environ))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
