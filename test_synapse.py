@@ -1,0 +1,985 @@
+"""Tests for synapse.py, against real parts.
+
+The providers are exercised against a real HTTP server on 127.0.0.1 (the
+``FakeProvider`` below) that speaks both wire formats byte for byte; the
+command line runs in a subprocess with an isolated HOME, XDG_CONFIG_HOME and
+database, as users run it.  No test touches the internet.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+import synapse
+
+HERE = Path(__file__).resolve().parent
+SYNAPSE = str(HERE / "synapse.py")
+KEY = "sk-test-SECRET-0123456789abcdef"
+
+
+# ---------------------------------------------------------------------------
+# A real HTTP server that plays a provider.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """One scripted HTTP response.
+
+    ``chunks`` are written one network write each, ``delay`` seconds apart;
+    ``drop`` closes the socket after them without ending the response.
+    """
+
+    status: int = 200
+    chunks: List[bytes] = field(default_factory=list)
+    headers: Dict[str, str] = field(default_factory=dict)
+    content_type: str = "text/event-stream"
+    delay: float = 0.0
+    drop: bool = False
+    chunked: bool = True
+
+
+@dataclass
+class Received:
+    path: str
+    headers: Dict[str, str]
+    body: dict
+
+
+def sse(*payloads: object) -> bytes:
+    return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p).encode()) + b"\n\n"
+                    for p in payloads)
+
+
+def openai_chunk(text: Optional[str], **delta: object) -> dict:
+    if text is not None:
+        delta["content"] = text
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def openai_stream(*pieces: str, done: bool = True) -> bytes:
+    body = sse(openai_chunk(None, role="assistant"), *[openai_chunk(p) for p in pieces])
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def anthropic_event(kind: str, **fields: object) -> bytes:
+    return (f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **fields}).encode()
+            + b"\n\n")
+
+
+def anthropic_stream(*pieces: str, stop: bool = True) -> bytes:
+    body = anthropic_event("message_start", message={"id": "msg_1", "type": "message",
+                                                      "role": "assistant", "content": []})
+    body += anthropic_event("content_block_start", index=0,
+                            content_block={"type": "text", "text": ""})
+    body += anthropic_event("ping")
+    for piece in pieces:
+        body += anthropic_event("content_block_delta", index=0,
+                                delta={"type": "text_delta", "text": piece})
+    body += anthropic_event("content_block_stop", index=0)
+    body += anthropic_event("message_delta", delta={"stop_reason": "end_turn"},
+                            usage={"output_tokens": 3})
+    return body + (anthropic_event("message_stop") if stop else b"")
+
+
+class FakeProvider:
+    """ThreadingHTTPServer on 127.0.0.1 answering from a queue of Replies."""
+
+    def __init__(self) -> None:
+        self.replies: "queue.Queue[Reply]" = queue.Queue()
+        self.received: List[Received] = []
+        self.default = Reply(chunks=[openai_stream("Hello", " from", " the server")])
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                owner.received.append(Received(self.path, dict(self.headers.items()),
+                                               json.loads(raw)))
+                try:
+                    reply = owner.replies.get_nowait()
+                except queue.Empty:
+                    reply = owner.default
+                self.send_response(reply.status)
+                self.send_header("Content-Type", reply.content_type)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                if reply.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.flush()
+                try:
+                    for chunk in reply.chunks:
+                        if reply.delay:
+                            time.sleep(reply.delay)
+                        if reply.chunked:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        else:
+                            self.wfile.write(chunk)
+                        self.wfile.flush()
+                    if reply.drop:
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if reply.chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def queue(self, *replies: Reply) -> None:
+        for reply in replies:
+            self.replies.put(reply)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server():
+    fake = FakeProvider()
+    yield fake
+    fake.close()
+
+
+# ---------------------------------------------------------------------------
+# An isolated user: HOME, XDG_CONFIG_HOME, config and database of their own.
+# ---------------------------------------------------------------------------
+
+
+class User:
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "home"
+        self.xdg = root / "xdg"
+        self.home.mkdir()
+        self.config_dir = self.xdg / "synapse"
+        self.db_path = self.config_dir / "sessions.db"
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.endswith("_API_KEY") and not k.startswith("SYNAPSE_")}
+        self.env.update(HOME=str(self.home), XDG_CONFIG_HOME=str(self.xdg),
+                        PYTHONIOENCODING="utf-8", COLUMNS="200")
+
+    def write_config(self, text: str, mode: int = 0o600) -> Path:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        path = self.config_dir / "config.toml"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(mode)
+        return path
+
+    def use_server(self, server: FakeProvider, provider: str = "deepseek", extra: str = "") -> None:
+        self.write_config(f'provider = "{provider}"\nbase_url = "{server.url}"\n'
+                          f'api_key = "{KEY}"\n{extra}')
+
+    def run(self, *args: str, input: Optional[bytes] = None, env: Optional[dict] = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, SYNAPSE, *args], input=input, capture_output=True,
+            env={**self.env, **(env or {})}, timeout=timeout, cwd=self.root,
+            stdin=None if input is not None else subprocess.DEVNULL)
+
+    def popen(self, *args: str, **kwargs: object) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, SYNAPSE, *args], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=self.root, **kwargs)
+
+    def rows(self, sql: str, params: tuple = ()) -> list:
+        conn = sqlite3.connect(self.db_path)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def messages(self) -> list:
+        return self.rows("SELECT role, content FROM messages ORDER BY rowid")
+
+    def session_ids(self) -> list:
+        return [r[0] for r in self.rows("SELECT id FROM sessions ORDER BY rowid")]
+
+
+@pytest.fixture
+def user(tmp_path):
+    return User(tmp_path)
+
+
+def text(result: subprocess.CompletedProcess) -> str:
+    return result.stdout.decode("utf-8")
+
+
+def err(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.decode("utf-8")
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """The documented exit code and one `synapse: error:` line, no traceback."""
+    stderr = err(result)
+    assert result.returncode == code, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines()
+             if line.startswith("synapse: error:")]
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = synapse.SqliteStore(str(tmp_path / "store.db"))
+    yield s
+    s.close()
+
+
+def make_session(store, *, provider="echo", model="echo", updated=None, created=None,
+                 name=None, session_id=None) -> synapse.Session:
+    session = synapse.Session.new(provider, model, name=name)
+    if session_id is not None:
+        session.id = uuid.UUID(session_id)
+    if created is not None:
+        session.created_at = created
+    if updated is not None:
+        session.updated_at = updated
+    store.create_session(session)
+    return session
+
+
+def set_updated(path, session_id, moment: datetime) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?",
+                 (synapse.format_timestamp(moment), str(session_id)))
+    conn.commit()
+    conn.close()
+
+
+NOW = datetime.now(timezone.utc)
+
+
+# ---------------------------------------------------------------------------
+# Storage: records, the store API, migrations, cleanup (SPEC §4)
+# ---------------------------------------------------------------------------
+
+
+def test_role_values_and_records():
+    assert [r.value for r in synapse.Role] == ["system", "user", "assistant"]
+    session = synapse.Session.new("echo", "echo", system_prompt="be brief", name="n")
+    assert isinstance(session.id, uuid.UUID) and session.created_at == session.updated_at
+    assert session.created_at.tzinfo is not None
+    message = synapse.StoredMessage.new(session.id, synapse.Role.USER, "hi")
+    assert message.role is synapse.Role.USER and message.session_id == session.id
+    assert synapse.SessionConfig() == synapse.SessionConfig(100, 90, True, None)
+    assert synapse.CleanupResult(3, 1, 2) == synapse.CleanupResult(
+        sessions_deleted=3, by_max_limit=1, by_retention=2)
+    for cls in (synapse.DatabaseError, synapse.SessionNotFound, synapse.MigrationError,
+                synapse.InvalidData):
+        assert issubclass(cls, synapse.StorageError)
+    assert synapse.SessionNotFound("abc").session_id == "abc"
+
+
+def test_session_store_protocol_has_exactly_the_eight_methods():
+    methods = {name for name in vars(synapse.SessionStore)
+               if not name.startswith("_") and callable(getattr(synapse.SessionStore, name))}
+    assert methods == {"create_session", "get_session", "list_sessions", "touch_session",
+                       "delete_session", "add_message", "get_messages", "cleanup"}
+    store_methods = set(dir(synapse.SqliteStore))
+    assert methods <= store_methods
+
+
+def test_timestamps_are_stored_fixed_width_utc(store):
+    session = make_session(store)
+    store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, "x"))
+    conn = sqlite3.connect(store.path)
+    created, updated = conn.execute("SELECT created_at, updated_at FROM sessions").fetchone()
+    (stamp,) = conn.execute("SELECT timestamp FROM messages").fetchone()
+    for value in (created, updated, stamp):
+        assert len(value) == len("2026-11-24T09:30:00.123456+00:00") and value.endswith("+00:00")
+    assert updated >= created
+
+
+def test_session_round_trip_and_get_missing(store):
+    session = synapse.Session.new("anthropic", "claude", system_prompt="sys", name="Name")
+    store.create_session(session)
+    assert store.get_session(session.id) == session
+    assert store.get_session(uuid.uuid4()) is None
+
+
+def test_messages_come_back_in_insertion_order_when_timestamps_tie(store):
+    session = make_session(store)
+    moment = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    contents = [f"m{i}" for i in range(30)]
+    random.Random(4).shuffle(contents)
+    for content in contents:
+        message = synapse.StoredMessage(uuid.uuid4(), session.id, synapse.Role.USER, content, moment)
+        store.add_message(message)
+    assert [m.content for m in store.get_messages(session.id)] == contents
+
+
+def test_add_message_updates_session_and_refuses_unknown_session(store):
+    session = make_session(store, updated=NOW - timedelta(days=3))
+    store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, "hi"))
+    assert store.get_session(session.id).updated_at > NOW - timedelta(minutes=1)
+    with pytest.raises(synapse.SessionNotFound) as caught:
+        store.add_message(synapse.StoredMessage.new(uuid.uuid4(), synapse.Role.USER, "lost"))
+    assert caught.value.session_id is not None
+
+
+def test_touch_session(store):
+    session = make_session(store, updated=NOW - timedelta(days=3))
+    store.touch_session(session.id)
+    assert store.get_session(session.id).updated_at > NOW - timedelta(minutes=1)
+    with pytest.raises(synapse.SessionNotFound):
+        store.touch_session(uuid.uuid4())
+
+
+def test_list_sessions_order_counts_and_limit(store):
+    a = make_session(store, name="a")
+    b = make_session(store, name="b")
+    c = make_session(store, name="c")
+    for i in range(3):
+        store.add_message(synapse.StoredMessage.new(a.id, synapse.Role.USER, f"a{i}"))
+    store.add_message(synapse.StoredMessage.new(c.id, synapse.Role.ASSISTANT, "only assistant"))
+    listed = store.list_sessions()
+    assert [s.name for s in listed] == ["c", "a", "b"]
+    assert [s.message_count for s in listed] == [1, 3, 0]
+    assert listed[0].preview is None and listed[1].preview == "a0" and listed[2].preview is None
+    assert [s.name for s in store.list_sessions(limit=2)] == ["c", "a"]
+
+
+@pytest.mark.parametrize("content, preview", [
+    ("x" * 60, "x" * 49 + "\u2026"),
+    ("x" * 50, "x" * 50),
+    ("first line\n\n  second\tline  \r\n third", "first line second line third"),
+    ("\U0001F600" * 60, "\U0001F600" * 49 + "\u2026"),
+    ("\U0001F469\u200d\U0001F4bb says   hi", "\U0001F469\u200d\U0001F4bb says hi"),
+])
+def test_preview_rule(store, content, preview):
+    session = make_session(store)
+    store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, content))
+    store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, "second"))
+    (summary,) = store.list_sessions()
+    assert summary.preview == preview
+    assert len(summary.preview) <= 50
+
+
+def test_list_sessions_is_one_query_for_the_page(store):
+    for _ in range(25):
+        session = make_session(store)
+        store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, "hello"))
+    statements = []
+    store._conn.set_trace_callback(statements.append)
+    summaries = store.list_sessions(limit=20)
+    store._conn.set_trace_callback(None)
+    assert len(summaries) == 20
+    assert len(statements) == 1, statements
+
+
+def test_delete_session_takes_its_messages(store, tmp_path):
+    keep = make_session(store)
+    doomed = make_session(store)
+    for s in (keep, doomed):
+        for i in range(3):
+            store.add_message(synapse.StoredMessage.new(s.id, synapse.Role.USER, f"m{i}"))
+    assert store.delete_session(doomed.id) is True
+    assert store.delete_session(doomed.id) is False
+    store.close()
+    conn = sqlite3.connect(tmp_path / "store.db")
+    assert conn.execute("SELECT count(*) FROM messages WHERE session_id NOT IN"
+                        " (SELECT id FROM sessions)").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM messages").fetchone() == (3,)
+    assert conn.execute("SELECT session_id FROM messages").fetchall() == [(str(keep.id),)] * 3
+
+
+def test_connection_pragmas(store):
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_schema_of_migration_one(store):
+    conn = store._conn
+    columns = {row[1]: (row[2], row[3], row[5]) for row in conn.execute("PRAGMA table_info(sessions)")}
+    assert columns == {"id": ("TEXT", 1, 1), "name": ("TEXT", 0, 0), "provider": ("TEXT", 1, 0),
+                       "model": ("TEXT", 1, 0), "system_prompt": ("TEXT", 0, 0),
+                       "created_at": ("TEXT", 1, 0), "updated_at": ("TEXT", 1, 0)}
+    fks = conn.execute("PRAGMA foreign_key_list(messages)").fetchall()
+    assert [(f[2], f[3], f[4], f[6]) for f in fks] == [("sessions", "session_id", "id", "CASCADE")]
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"idx_messages_session", "idx_messages_timestamp", "idx_sessions_updated"} <= indexes
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    assert version == len(synapse.load_migrations())
+
+
+def test_parse_migrations_numbering_and_statements():
+    text = ("-- header\n-- migration: 1 first\nCREATE TABLE a (x);\n"
+            "-- migration: 2 second\nCREATE TABLE b (y);\n"
+            "CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO b VALUES (new.x); END;\n")
+    migrations = synapse.parse_migrations(text)
+    assert [(m.number, m.title, len(m.statements)) for m in migrations] == [
+        (1, "first", 1), (2, "second", 2)]
+    with pytest.raises(synapse.MigrationError):
+        synapse.parse_migrations("-- migration: 2 skipped one\nCREATE TABLE a (x);\n")
+    with pytest.raises(synapse.MigrationError):
+        synapse.parse_migrations("-- migration: 1 a\nCREATE TABLE a (x\n")
+
+
+def test_shipped_schema_migrations_are_numbered_from_one():
+    migrations = synapse.load_migrations()
+    assert [m.number for m in migrations] == list(range(1, len(migrations) + 1))
+    first = migrations[0]
+    assert any("CREATE TABLE IF NOT EXISTS sessions" in s for s in first.statements)
+
+
+def test_opening_twice_is_a_no_op(tmp_path):
+    path = str(tmp_path / "twice.db")
+    first = synapse.SqliteStore(path)
+    session = make_session(first)
+    first.close()
+    second = synapse.SqliteStore(path)
+    assert second.get_session(session.id) == session
+    assert second._conn.execute("PRAGMA user_version").fetchone()[0] == len(synapse.load_migrations())
+    second.close()
+
+
+def test_database_at_migration_one_is_upgraded_without_loss(tmp_path):
+    path = str(tmp_path / "old.db")
+    migrations = synapse.load_migrations()
+    conn = synapse.connect(path)
+    assert synapse.apply_migrations(conn, migrations[:1]) == 1
+    session_id = str(uuid.uuid4())
+    stamp = synapse.format_timestamp(NOW)
+    conn.execute("INSERT INTO sessions VALUES (?, 'old', 'echo', 'echo', NULL, ?, ?)",
+                 (session_id, stamp, stamp))
+    conn.execute("INSERT INTO messages VALUES (?, ?, 'user', 'kept text', ?)",
+                 (str(uuid.uuid4()), session_id, stamp))
+    later = synapse.parse_migrations(
+        "-- migration: 1 base\nSELECT 1;\n"
+        "-- migration: 2 add a tag\nALTER TABLE sessions ADD COLUMN tag TEXT;\n"
+        "CREATE INDEX IF NOT EXISTS idx_sessions_tag ON sessions(tag);\n")
+    extra = synapse.Migration(len(migrations) + 1, "add a tag", later[1].statements)
+    assert synapse.apply_migrations(conn, [*migrations, extra]) == extra.number
+    assert conn.execute("SELECT id, name, tag FROM sessions").fetchall() == [(session_id, "old", None)]
+    assert conn.execute("SELECT content FROM messages").fetchall() == [("kept text",)]
+    # Applying again changes nothing.
+    assert synapse.apply_migrations(conn, [*migrations, extra]) == extra.number
+    conn.close()
+
+
+def test_failed_migration_leaves_the_whole_previous_version(tmp_path):
+    path = str(tmp_path / "half.db")
+    conn = synapse.connect(path)
+    migrations = synapse.load_migrations()
+    synapse.apply_migrations(conn, migrations)
+    broken = synapse.Migration(len(migrations) + 1, "broken",
+                               ("CREATE TABLE extra (x)", "INSERT INTO nowhere VALUES (1)"))
+    with pytest.raises(synapse.MigrationError):
+        synapse.apply_migrations(conn, [*migrations, broken])
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations)
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone() == (0,)
+    conn.close()
+
+
+def test_newer_database_is_refused_and_left_unchanged(tmp_path):
+    path = tmp_path / "newer.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE future (x)")
+    conn.execute("PRAGMA user_version = 999")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(synapse.MigrationError, match="newer"):
+        synapse.SqliteStore(str(path))
+    assert path.read_bytes() == before
+
+
+def test_non_sqlite_file_is_refused_and_left_unchanged(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"my precious notes, not a database\n" * 100)
+    before = path.read_bytes()
+    with pytest.raises(synapse.DatabaseError, match="not a SQLite database"):
+        synapse.SqliteStore(str(path))
+    assert path.read_bytes() == before
+
+
+def test_database_file_and_folder_modes_even_with_permissive_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        store = synapse.SqliteStore(str(tmp_path / "private" / "deep" / "s.db"))
+        make_session(store)
+        folder = tmp_path / "private" / "deep"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / "s.db").stat().st_mode) == 0o600
+        for extra in ("s.db-wal", "s.db-shm"):
+            if (folder / extra).exists():
+                assert stat.S_IMODE((folder / extra).stat().st_mode) & 0o077 == 0
+        store.close()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("/abs/path.db", "/abs/path.db"),
+    ("rel/path.db", "rel/path.db"),
+    ("sqlite:/abs/x.db", "/abs/x.db"),
+    ("sqlite:rel/x.db", "rel/x.db"),
+    ("sqlite://rel/x.db", "rel/x.db"),
+    ("sqlite:///abs/x.db", "/abs/x.db"),
+    ("sqlite:~/x.db", "/home/u/x.db"),
+    ("~/y.db", "/home/u/y.db"),
+])
+def test_database_url_forms(url, expected, monkeypatch):
+    monkeypatch.setenv("HOME", "/home/u")
+    assert synapse.database_path(url, env={"HOME": "/home/u"}) == expected
+
+
+def test_database_location_precedence():
+    env = {"HOME": "/h", "XDG_CONFIG_HOME": "/x"}
+    assert synapse.database_path(None, env) == "/x/synapse/sessions.db"
+    assert synapse.database_path(None, {"HOME": "/h"}) == "/h/.config/synapse/sessions.db"
+    assert synapse.database_path(None, {**env, "SYNAPSE_DATABASE_URL": "/e.db"}) == "/e.db"
+    assert synapse.database_path("/c.db", env) == "/c.db"
+
+
+def test_postgres_url_is_a_configuration_error():
+    with pytest.raises(synapse.ConfigError, match="only SQLite"):
+        synapse.database_path("postgres://localhost/db", env={})
+
+
+# -- cleanup ------------------------------------------------------------------
+
+
+def aged_sessions(store, ages_in_days):
+    sessions = []
+    for age in ages_in_days:
+        s = make_session(store)
+        set_updated(store.path, s.id, NOW - timedelta(days=age))
+        sessions.append(s)
+    return sessions
+
+
+def remaining(store):
+    return {s.id for s in store.list_sessions()}
+
+
+def test_cleanup_retention_only(store):
+    old1, old2, new = aged_sessions(store, [100, 91, 10])
+    result = store.cleanup(synapse.SessionConfig(max_sessions=0, retention_days=90))
+    assert result == synapse.CleanupResult(2, 0, 2)
+    assert remaining(store) == {new.id}
+
+
+def test_cleanup_max_only_deletes_least_recently_updated(store):
+    sessions = aged_sessions(store, [5, 4, 3, 2, 1])
+    result = store.cleanup(synapse.SessionConfig(max_sessions=2, retention_days=0))
+    assert result == synapse.CleanupResult(3, 3, 0)
+    assert remaining(store) == {sessions[3].id, sessions[4].id}
+
+
+def test_cleanup_max_ties_go_by_created_at(store):
+    stamp = NOW - timedelta(days=1)
+    younger = make_session(store, created=NOW - timedelta(days=2), updated=stamp)
+    older = make_session(store, created=NOW - timedelta(days=3), updated=stamp)
+    result = store.cleanup(synapse.SessionConfig(max_sessions=1, retention_days=0))
+    assert result.by_max_limit == 1
+    assert remaining(store) == {younger.id}
+    assert older.id not in remaining(store)
+
+
+def test_cleanup_both_counts_no_session_twice(store):
+    sessions = aged_sessions(store, [200, 150, 30, 20, 10, 5])
+    result = store.cleanup(synapse.SessionConfig(max_sessions=3, retention_days=90))
+    assert result == synapse.CleanupResult(3, 1, 2)
+    assert remaining(store) == {s.id for s in sessions[3:]}
+
+
+def test_cleanup_protects_the_session_being_continued(store):
+    sessions = aged_sessions(store, [200, 50, 40, 30])
+    protected = sessions[0]
+    result = store.cleanup(synapse.SessionConfig(max_sessions=2, retention_days=90),
+                           protect=protected.id)
+    # The protected one survives retention and still counts toward max_sessions.
+    assert result == synapse.CleanupResult(2, 2, 0)
+    assert remaining(store) == {protected.id, sessions[3].id}
+
+
+def test_cleanup_zero_means_unlimited(store):
+    aged_sessions(store, [1000, 500, 1])
+    result = store.cleanup(synapse.SessionConfig(max_sessions=0, retention_days=0))
+    assert result == synapse.CleanupResult(0, 0, 0)
+    assert len(remaining(store)) == 3
+
+
+def test_cleanup_removes_messages_and_dry_run_removes_nothing(store):
+    sessions = aged_sessions(store, [100, 1])
+    for s in sessions:
+        store.add_message(synapse.StoredMessage.new(s.id, synapse.Role.USER, "x"))
+    set_updated(store.path, sessions[0].id, NOW - timedelta(days=100))
+    config = synapse.SessionConfig(max_sessions=0, retention_days=90)
+    dry = store.cleanup(config, dry_run=True)
+    assert dry == synapse.CleanupResult(1, 0, 1) and dry.session_ids == (sessions[0].id,)
+    assert len(remaining(store)) == 2
+    assert store.cleanup(config) == dry
+    orphans = store._conn.execute("SELECT count(*) FROM messages WHERE session_id NOT IN"
+                                  " (SELECT id FROM sessions)").fetchone()[0]
+    assert orphans == 0 and len(store.get_messages(sessions[0].id)) == 0
+
+
+# ---------------------------------------------------------------------------
+# Configuration (SPEC §5)
+# ---------------------------------------------------------------------------
+
+
+def write(path: Path, content: str, mode: int = 0o600) -> Path:
+    path.write_text(content, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def test_config_defaults_without_a_file(tmp_path):
+    config = synapse.load_config(None, env={"HOME": str(tmp_path)})
+    assert config.provider == "deepseek" and config.max_tokens == 4096
+    assert config.session == synapse.SessionConfig()
+
+
+def test_config_full_file(tmp_path, capsys):
+    (tmp_path / "prompt.md").write_text("From a file.\n")
+    path = write(tmp_path / "c.toml", """
+provider = "groq"
+max_tokens = 100
+temperature = 0.2
+timeout = 5
+system_prompt_file = "prompt.md"
+
+[providers.groq]
+kind = "openai"
+base_url = "https://api.groq.com/openai/v1"
+api_key_env = "GROQ_API_KEY"
+model = "llama"
+
+[session]
+database_url = "sqlite:~/s.db"
+max_sessions = 0
+retention_days = 7
+auto_cleanup = false
+""")
+    config = synapse.load_config(str(path), env={})
+    assert config.system_prompt == "From a file."
+    assert config.session == synapse.SessionConfig(0, 7, False, "sqlite:~/s.db")
+    assert config.temperature == 0.2 and config.timeout == 5.0
+    provider = synapse.resolve_provider(config, None, None, env={"GROQ_API_KEY": "k"})
+    assert (provider.name, provider.kind, provider.model, provider.api_key) == (
+        "groq", "openai", "llama", "k")
+    assert provider.max_tokens_field == "max_tokens"
+    assert capsys.readouterr().err == ""
+
+
+def test_system_prompt_wins_over_system_prompt_file(tmp_path):
+    path = write(tmp_path / "c.toml", 'system_prompt = "inline"\nsystem_prompt_file = "nope.md"\n')
+    assert synapse.load_config(str(path), env={}).system_prompt == "inline"
+
+
+@pytest.mark.parametrize("content, key", [
+    ('max_tokens = "many"', "max_tokens"),
+    ("max_tokens = true", "max_tokens"),
+    ('temperature = "hot"', "temperature"),
+    ("provider = 3", "provider"),
+    ('[session]\nmax_sessions = "ten"', "session.max_sessions"),
+    ('[session]\nauto_cleanup = "yes"', "session.auto_cleanup"),
+    ("[session]\nretention_days = 1.5", "session.retention_days"),
+    ("[providers.x]\nbase_url = 5", "providers.x.base_url"),
+    ('[providers.x]\nkind = "grpc"', "providers.x.kind"),
+    ("session = 3", "session"),
+])
+def test_config_wrong_types_name_file_and_key(tmp_path, content, key):
+    path = write(tmp_path / "bad.toml", content + "\n")
+    with pytest.raises(synapse.ConfigError) as caught:
+        synapse.load_config(str(path), env={})
+    assert str(path) in str(caught.value) and key in str(caught.value)
+
+
+def test_config_syntax_error_and_missing_named_file(tmp_path):
+    path = write(tmp_path / "broken.toml", "provider = \n")
+    with pytest.raises(synapse.ConfigError, match="not valid TOML"):
+        synapse.load_config(str(path), env={})
+    with pytest.raises(synapse.ConfigError, match="does not exist"):
+        synapse.load_config(str(tmp_path / "absent.toml"), env={})
+    with pytest.raises(synapse.ConfigError, match="does not exist"):
+        synapse.load_config(None, env={"SYNAPSE_CONFIG": str(tmp_path / "absent.toml")})
+
+
+def test_config_path_precedence(tmp_path):
+    a = write(tmp_path / "a.toml", 'provider = "openai"\n')
+    b = write(tmp_path / "b.toml", 'provider = "anthropic"\n')
+    (tmp_path / "x" / "synapse").mkdir(parents=True)
+    write(tmp_path / "x" / "synapse" / "config.toml", 'provider = "ollama"\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "x")}
+    assert synapse.load_config(None, env).provider == "ollama"
+    assert synapse.load_config(None, {**env, "SYNAPSE_CONFIG": str(b)}).provider == "anthropic"
+    assert synapse.load_config(str(a), {**env, "SYNAPSE_CONFIG": str(b)}).provider == "openai"
+
+
+def test_config_unknown_keys_warn(tmp_path, capsys):
+    path = write(tmp_path / "c.toml", 'colour = "blue"\n[session]\nmax_session = 3\n')
+    synapse.load_config(str(path), env={})
+    warning = capsys.readouterr().err
+    assert "unknown key 'colour'" in warning and "unknown key 'session.max_session'" in warning
+
+
+def test_config_with_key_readable_by_others_warns_once(tmp_path, capsys):
+    path = write(tmp_path / "c.toml", f'api_key = "{KEY}"\n[providers.openai]\napi_key = "x1234"\n',
+                 mode=0o644)
+    synapse.load_config(str(path), env={})
+    warning = capsys.readouterr().err
+    assert warning.count("warning") == 1 and "chmod 600" in warning and KEY not in warning
+    path.chmod(0o600)
+    synapse.load_config(str(path), env={})
+    assert capsys.readouterr().err == ""
+
+
+def test_provider_resolution_rules(tmp_path):
+    path = write(tmp_path / "c.toml", f"""
+provider = "deepseek"
+api_key = "top-key"
+base_url = "http://top"
+model = "top-model"
+[providers.openai]
+api_key = "openai-key"
+[providers.anthropic]
+model = "claude-x"
+[providers.local]
+kind = "anthropic"
+base_url = "http://local"
+model = "m"
+""")
+    config = synapse.load_config(str(path), env={})
+    top = synapse.resolve_provider(config, None, None, env={})
+    assert (top.base_url, top.model, top.api_key) == ("http://top", "top-model", "top-key")
+    # An environment variable wins over the file.
+    assert synapse.resolve_provider(config, None, None, {"DEEPSEEK_API_KEY": "env"}).api_key == "env"
+    # Top-level values do not leak to other providers.
+    other = synapse.resolve_provider(config, "openai", None, env={})
+    assert (other.base_url, other.model, other.api_key) == (
+        "https://api.openai.com/v1", "gpt-4o-mini", "openai-key")
+    assert other.max_tokens_field == "max_completion_tokens"
+    assert synapse.resolve_provider(config, "openai", "gpt-5", env={}).model == "gpt-5"
+    local = synapse.resolve_provider(config, "local", None, env={})
+    assert (local.kind, local.api_key) == ("anthropic", None)
+    with pytest.raises(synapse.ConfigError, match="ANTHROPIC_API_KEY"):
+        synapse.resolve_provider(config, "anthropic", None, env={})
+    with pytest.raises(synapse.ConfigError, match="unknown provider 'nope'"):
+        synapse.resolve_provider(config, "nope", None, env={})
+    for name, model in (("ollama", "llama3.2"), ("echo", "echo")):
+        p = synapse.resolve_provider(synapse.Config(), name, None, env={})
+        assert (p.model, p.api_key) == (model, None)
+
+
+def test_redact_hides_every_known_key():
+    config = synapse.Config(api_key="file-secret-1", providers={"g": {"api_key_env": "G_KEY"}})
+    secrets = synapse.known_secrets(config, {"G_KEY": "env-secret-2", "OPENAI_API_KEY": "sk-3333"})
+    out = synapse.redact("a file-secret-1 b env-secret-2 c sk-3333", secrets)
+    assert "secret" not in out and "sk-3333" not in out
+
+
+# ---------------------------------------------------------------------------
+# The command line: version, help, sessions commands, IDs (SPEC §2, §3)
+# ---------------------------------------------------------------------------
+
+
+def test_version_in_a_subprocess(user):
+    result = user.run("--version")
+    assert result.returncode == 0 and text(result) == f"synapse {synapse.__version__}\n"
+    assert user.run("-V").stdout == result.stdout
+
+
+def test_help_when_no_message_and_stdin_is_a_terminal(user):
+    # Only a terminal counts: tmux gives the child one on stdin.
+    result = user.run("--help")
+    assert result.returncode == 0 and "sessions list" in text(result)
+    assert "--continue" in text(result) and "--no-stream" in text(result)
+
+
+def test_sessions_commands_without_requests_installed(user, tmp_path):
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "requests.py").write_text("raise ImportError('requests is not installed here')\n")
+    env = {"PYTHONPATH": str(blocker)}
+    assert user.run("-p", "echo", "works without requests", env=env).returncode == 0
+    for args in (["--version"], ["--help"], ["sessions", "list"], ["sessions", "search", "x"]):
+        assert user.run(*args, env=env).returncode == 0, args
+
+
+def test_sessions_list_empty_and_json(user):
+    result = user.run("sessions", "list")
+    assert result.returncode == 0 and text(result) == "No sessions found.\n"
+    result = user.run("sessions", "list", "--json")
+    assert json.loads(text(result)) == []
+
+
+def test_sessions_list_table_and_json(user):
+    for message in ("first chat", "second\nchat with a much longer first message than fits "
+                    "in the preview column of the table"):
+        assert user.run("-p", "echo", message).returncode == 0
+    assert user.run("sessions", "rename", user.session_ids()[0][:8], "My name").returncode == 0
+    result = user.run("sessions", "list")
+    lines = text(result).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "PROVIDER", "MODEL", "CREATED", "MESSAGES", "PREVIEW"]
+    first, second = user.session_ids()
+    assert lines[1].startswith(second) and lines[2].startswith(first)
+    assert "My name" in lines[2] and "echo" in lines[1]
+    assert "second chat with a much longer first message than f\u2026"[:30] in lines[1]
+    created = datetime.fromisoformat(user.rows("SELECT created_at FROM sessions")[0][0])
+    assert created.astimezone().strftime("%Y-%m-%d %H:%M") in lines[2]
+    data = json.loads(text(user.run("sessions", "list", "--json", "--limit", "1")))
+    assert len(data) == 1
+    assert set(data[0]) == {"id", "name", "provider", "model", "created_at", "updated_at",
+                            "message_count", "preview"}
+    assert data[0]["id"] == second and data[0]["message_count"] == 2
+    stored = user.rows("SELECT created_at, updated_at FROM sessions WHERE id = ?", (second,))[0]
+    assert (data[0]["created_at"], data[0]["updated_at"]) == stored
+
+
+def test_sessions_list_cuts_cells_by_characters(user):
+    store = synapse.SqliteStore(str(user.db_path))
+    make_session(store, name="\U0001F600" * 40, model="m" * 60)
+    store.close()
+    line = text(user.run("sessions", "list")).splitlines()[1]
+    assert "\U0001F600" * 19 + "\u2026" in line and "m" * 19 + "\u2026" in line
+
+
+def test_sessions_show_plain_and_json(user):
+    user.run("-p", "echo", "--system", "Be terse.", "--name", "demo", "hello there")
+    (sid,) = user.session_ids()
+    result = user.run("sessions", "show", sid)
+    assert result.returncode == 0
+    out = text(result)
+    head, body = out.split("\n\n", 1)
+    labels = [line.split(":")[0] for line in head.splitlines()]
+    assert labels == ["Session", "Name", "Provider", "Model", "Created", "Updated", "System"]
+    assert sid in head and "Be terse." in head and "demo" in head
+    assert body == "[USER]\nhello there\n\n[ASSISTANT]\nhello there\n\n"
+    data = json.loads(text(user.run("sessions", "show", sid, "--json")))
+    assert data["id"] == sid and data["system_prompt"] == "Be terse."
+    assert [(m["role"], m["content"]) for m in data["messages"]] == [
+        ("user", "hello there"), ("assistant", "hello there")]
+    assert set(data["messages"][0]) == {"id", "role", "content", "timestamp"}
+
+
+def test_sessions_delete_several_with_one_unknown(user):
+    for i in range(3):
+        user.run("-p", "echo", f"chat {i}")
+    a, b, c = user.session_ids()
+    unknown = str(uuid.uuid4())
+    result = user.run("sessions", "delete", a, unknown, c[:6].upper())
+    assert result.returncode == 1
+    assert text(result) == f"Deleted session {a}\nDeleted session {c}\n"
+    assert_one_error_line(result, 1, unknown, "not found")
+    assert user.session_ids() == [b]
+    assert user.rows("SELECT count(*) FROM messages WHERE session_id != ?", (b,)) == [(0,)]
+
+
+def crafted_store(user, ids):
+    store = synapse.SqliteStore(str(user.db_path))
+    for sid in ids:
+        make_session(store, session_id=sid)
+    store.close()
+
+
+def test_session_id_prefixes(user):
+    a = "abcd1234-0000-4000-8000-000000000001"
+    b = "abcd1234-0000-4000-8000-000000000002"
+    c = "abce0000-0000-4000-8000-000000000003"
+    crafted_store(user, [a, b, c])
+    for prefix in ("abce", "ABCE", "abce0000-0", "abce00000", c, c.replace("-", "").upper()):
+        result = user.run("sessions", "show", prefix, "--json")
+        assert result.returncode == 0, (prefix, err(result))
+        assert json.loads(text(result))["id"] == c
+    result = user.run("sessions", "show", "abcd")
+    assert result.returncode == 1 and "Traceback" not in err(result)
+    assert "ambiguous" in err(result).splitlines()[0]
+    assert a in err(result) and b in err(result) and c not in err(result)
+    result = user.run("sessions", "show", "abcd12340000-4000-8000-000000000002", "--json")
+    assert json.loads(text(result))["id"] == b
+
+
+@pytest.mark.parametrize("bad", ["abc", "xyz12345", "abcd!", "", "1234567890123456789012345678901234"])
+def test_malformed_session_ids_are_usage_errors(user, bad):
+    result = user.run("sessions", "show", bad)
+    assert_one_error_line(result, 2, "not a session ID")
+
+
+def test_unknown_session_is_a_runtime_error(user):
+    user.run("-p", "echo", "hi")
+    result = user.run("sessions", "show", str(uuid.uuid4()))
+    assert_one_error_line(result, 1, "not found")
+    assert_one_error_line(user.run("-s", "ffff", "-p", "echo", "hi"), 1, "not found")
+
+
+def test_sessions_commands_do_not_run_auto_cleanup(user):
+    user.write_config("[session]\nretention_days = 1\n")
+    store = synapse.SqliteStore(str(user.db_path))
+    old = make_session(store)
+    store.close()
+    set_updated(user.db_path, old.id, NOW - timedelta(days=30))
+    for args in (["sessions", "list"], ["sessions", "show", str(old.id)],
+                 ["sessions", "search", "x"], ["sessions", "export", str(old.id)],
+                 ["sessions", "rename", str(old.id), "kept"]):
+        assert user.run(*args).returncode == 0, args
+    assert user.session_ids() == [str(old.id)]
+
+
+def test_bad_config_is_exit_2_for_every_command(user):
+    user.write_config("max_tokens = 'lots'\n")
+    for args in (["-p", "echo", "hi"], ["sessions", "list"]):
+        assert_one_error_line(user.run(*args), 2, "max_tokens", "config.toml")
+    assert not user.db_path.exists()
+
+
+def test_config_option_and_env_in_a_subprocess(user, tmp_path):
+    alt = write(tmp_path / "alt.toml", f'[session]\ndatabase_url = "{tmp_path / "alt.db"}"\n')
+    assert user.run("-c", str(alt), "-p", "echo", "to alt").returncode == 0
+    assert (tmp_path / "alt.db").exists() and not user.db_path.exists()
+    listing = user.run("sessions", "list", "--json", env={"SYNAPSE_CONFIG": str(alt)})
+    assert len(json.loads(text(listing))) == 1
+    assert len(json.loads(text(user.run("-c", str(alt), "sessions", "list", "--json")))) == 1
+    assert len(json.loads(text(user.run("sessions", "list", "-c", str(alt), "--json")))) == 1
+    assert_one_error_line(user.run("-c", str(tmp_path / "nope.toml"), "sessions", "list"), 2,
+                          "does not exist")
+    env_db = tmp_path / "env.db"
+    assert user.run("-p", "echo", "x", env={"SYNAPSE_DATABASE_URL": f"sqlite:{env_db}"}).returncode == 0
+    assert env_db.exists()
