@@ -67,7 +67,7 @@ class Received:
 
 
 def sse(*payloads: object) -> bytes:
-    return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p).encode()) + b"\n\n"
+    return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p, ensure_ascii=False).encode()) + b"\n\n"
                     for p in payloads)
 
 
@@ -84,7 +84,8 @@ def openai_stream(*pieces: str, done: bool = True) -> bytes:
 
 
 def anthropic_event(kind: str, **fields: object) -> bytes:
-    return (f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **fields}).encode()
+    return (f"event: {kind}\ndata: ".encode()
+            + json.dumps({"type": kind, **fields}, ensure_ascii=False).encode()
             + b"\n\n")
 
 
@@ -983,3 +984,588 @@ def test_config_option_and_env_in_a_subprocess(user, tmp_path):
     env_db = tmp_path / "env.db"
     assert user.run("-p", "echo", "x", env={"SYNAPSE_DATABASE_URL": f"sqlite:{env_db}"}).returncode == 0
     assert env_db.exists()
+
+
+def test_no_message_on_a_terminal_prints_help(user):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, SYNAPSE], stdin=slave, capture_output=True,
+                                env=user.env, timeout=30)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert result.returncode == 0 and text(result).startswith("usage: synapse")
+    assert not user.db_path.exists()
+
+
+# ---------------------------------------------------------------------------
+# Chat against the real local server (SPEC §2 input/output, §5, §6)
+# ---------------------------------------------------------------------------
+
+
+def test_first_chat_list_show_continue_delete(user, server):
+    """The five checks a user would do by hand."""
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("Hi", " there")]))
+    first = user.run("Hello")
+    assert first.returncode == 0, err(first)
+    assert text(first) == "Hi there\n"
+    (sid,) = user.session_ids()
+    assert user.messages() == [("user", "Hello"), ("assistant", "Hi there")]
+    assert user.rows("SELECT provider, model FROM sessions") == [("deepseek", "deepseek-chat")]
+
+    listing = text(user.run("sessions", "list"))
+    assert sid in listing and "Hello" in listing
+
+    shown = text(user.run("sessions", "show", sid[:8]))
+    assert "[USER]\nHello\n\n[ASSISTANT]\nHi there\n" in shown
+
+    server.queue(Reply(chunks=[openai_stream("Sure")]))
+    again = user.run("-s", sid[:8], "Tell me more")
+    assert again.returncode == 0 and text(again) == "Sure\n"
+    sent = server.received[-1].body
+    assert sent["messages"] == [{"role": "user", "content": "Hello"},
+                                {"role": "assistant", "content": "Hi there"},
+                                {"role": "user", "content": "Tell me more"}]
+    assert user.messages()[2:] == [("user", "Tell me more"), ("assistant", "Sure")]
+    assert user.session_ids() == [sid]
+
+    deleted = user.run("sessions", "delete", sid)
+    assert text(deleted) == f"Deleted session {sid}\n"
+    assert user.session_ids() == [] and user.messages() == []
+
+
+def test_openai_request_shape(user, server):
+    user.use_server(server, extra='temperature = 0.3\nmax_tokens = 77\nsystem_prompt = "Be brief."\n')
+    assert user.run("Question").returncode == 0
+    request = server.received[-1]
+    assert request.path == "/chat/completions"
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert request.body == {"model": "deepseek-chat", "stream": True, "max_tokens": 77,
+                            "temperature": 0.3,
+                            "messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Question"}]}
+
+
+def test_temperature_is_not_sent_when_absent_and_openai_sends_max_completion_tokens(user, server):
+    user.write_config(f'provider = "openai"\n[providers.openai]\nbase_url = "{server.url}/v1"\n')
+    result = user.run("Q", env={"OPENAI_API_KEY": KEY})
+    assert result.returncode == 0, err(result)
+    body = server.received[-1].body
+    assert server.received[-1].path == "/v1/chat/completions"
+    assert "temperature" not in body and body["max_completion_tokens"] == 4096
+    assert "max_tokens" not in body and body["model"] == "gpt-4o-mini"
+
+
+def test_ollama_sends_no_authorization(user, server):
+    user.write_config(f'provider = "ollama"\nbase_url = "{server.url}/v1"\n')
+    assert user.run("Q").returncode == 0
+    assert "Authorization" not in server.received[-1].headers
+    assert server.received[-1].body["model"] == "llama3.2"
+
+
+def test_anthropic_request_shape_and_stream(user, server):
+    user.use_server(server, provider="anthropic", extra='system_prompt = "Be brief."\n')
+    server.queue(Reply(chunks=[anthropic_stream("Bonjour", " !")]))
+    result = user.run("Salut")
+    assert result.returncode == 0, err(result)
+    assert text(result) == "Bonjour !\n"
+    request = server.received[-1]
+    assert request.path == "/v1/messages"
+    assert request.headers["x-api-key"] == KEY
+    assert request.headers["anthropic-version"] == "2023-06-01"
+    assert "Authorization" not in request.headers
+    assert request.body == {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+                            "system": "Be brief.",
+                            "messages": [{"role": "user", "content": "Salut"}]}
+
+
+def test_anthropic_messages_alternate_starting_with_user():
+    merged = synapse.anthropic_messages([
+        ("assistant", "stray"), ("user", "a"), ("user", "b"), ("assistant", "c"),
+        ("assistant", "d"), ("user", "e")])
+    assert merged == [{"role": "user", "content": "a\n\nb"},
+                      {"role": "assistant", "content": "c\n\nd"},
+                      {"role": "user", "content": "e"}]
+
+
+def test_anthropic_history_after_a_failed_turn_is_merged(user, server):
+    user.use_server(server, provider="anthropic")
+    server.queue(Reply(status=500, chunks=[b'{"type":"error","error":{"type":"api_error","message":"boom"}}'],
+                       content_type="application/json"),
+                 Reply(status=500, chunks=[b"{}"], content_type="application/json"),
+                 Reply(status=500, chunks=[b"{}"], content_type="application/json",
+                       headers={"retry-after-ms": "0"}))
+    first = user.run("one", env={})
+    assert first.returncode == 1
+    sid = user.session_ids()[0]
+    server.queue(Reply(chunks=[anthropic_stream("ok")]))
+    assert user.run("-s", sid, "two").returncode == 0
+    assert server.received[-1].body["messages"] == [{"role": "user", "content": "one\n\ntwo"}]
+
+
+def test_custom_providers_of_both_kinds(user, server):
+    user.write_config(f"""
+provider = "mine"
+[providers.mine]
+kind = "openai"
+base_url = "{server.url}/openai/v1"
+api_key_env = "MINE_KEY"
+model = "small"
+[providers.claude-proxy]
+kind = "anthropic"
+base_url = "{server.url}/proxy"
+model = "c"
+""")
+    result = user.run("hi", env={"MINE_KEY": KEY})
+    assert result.returncode == 0, err(result)
+    assert server.received[-1].path == "/openai/v1/chat/completions"
+    assert server.received[-1].headers["Authorization"] == f"Bearer {KEY}"
+    server.queue(Reply(chunks=[anthropic_stream("proxied")]))
+    result = user.run("-p", "claude-proxy", "hi")
+    assert text(result) == "proxied\n"
+    assert server.received[-1].path == "/proxy/v1/messages"
+    assert_one_error_line(user.run("hi"), 2, "MINE_KEY")
+
+
+def test_system_prompt_flag_overrides_config(user, server):
+    user.use_server(server, extra='system_prompt = "from config"\n')
+    user.run("--system", "from flag", "hi")
+    assert server.received[-1].body["messages"][0] == {"role": "system", "content": "from flag"}
+    assert user.rows("SELECT system_prompt FROM sessions") == [("from flag",)]
+
+
+def test_continuing_uses_the_sessions_provider_and_model(user, server):
+    user.write_config(f"""
+provider = "deepseek"
+[providers.deepseek]
+base_url = "{server.url}/ds"
+api_key = "{KEY}"
+[providers.anthropic]
+base_url = "{server.url}/an"
+api_key = "{KEY}"
+""")
+    server.queue(Reply(chunks=[anthropic_stream("first")]))
+    assert user.run("-p", "anthropic", "-m", "claude-x", "--system", "S", "one").returncode == 0
+    (sid,) = user.session_ids()
+    server.queue(Reply(chunks=[anthropic_stream("second")]))
+    assert text(user.run("-s", sid, "two")) == "second\n"
+    request = server.received[-1]
+    assert request.path == "/an/v1/messages" and request.body["model"] == "claude-x"
+    assert request.body["system"] == "S"
+    # -C continues the latest, with -m switching the model of the session.
+    server.queue(Reply(chunks=[anthropic_stream("third")]))
+    assert text(user.run("-C", "-m", "claude-y", "three")) == "third\n"
+    assert server.received[-1].body["model"] == "claude-y"
+    assert user.rows("SELECT provider, model FROM sessions") == [("anthropic", "claude-y")]
+    # -p without -m: that provider's default model; the session follows.
+    assert text(user.run("-s", sid, "-p", "deepseek", "four")) == "Hello from the server\n"
+    request = server.received[-1]
+    assert request.path == "/ds/chat/completions" and request.body["model"] == "deepseek-chat"
+    assert request.body["messages"][0] == {"role": "system", "content": "S"}
+    assert len(request.body["messages"]) == 1 + 7
+    assert user.rows("SELECT provider, model FROM sessions") == [("deepseek", "deepseek-chat")]
+
+
+def test_continue_with_no_sessions(user):
+    assert_one_error_line(user.run("-C", "-p", "echo", "hi"), 1, "no session to continue")
+
+
+def test_missing_api_key_exits_2_and_writes_nothing(user):
+    result = user.run("Hello")
+    assert_one_error_line(result, 2, "DEEPSEEK_API_KEY", "api_key")
+    assert not user.db_path.exists()
+    result = user.run("-p", "anthropic", "Hello", input=b"piped")
+    assert_one_error_line(result, 2, "ANTHROPIC_API_KEY")
+    assert not user.db_path.exists()
+
+
+def test_unknown_provider_is_exit_2(user):
+    assert_one_error_line(user.run("-p", "nope", "hi"), 2, "unknown provider 'nope'")
+    assert not user.db_path.exists()
+
+
+# -- input ---------------------------------------------------------------------
+
+
+def test_stdin_combinations(user):
+    assert text(user.run("-p", "echo", input=b"only piped\n\n")) == "only piped\n"
+    assert text(user.run("-p", "echo", "explain", input=b"code here  \n")) == "code here\n\nexplain\n"
+    assert text(user.run("-p", "echo", "just arg", input=b"")) == "just arg\n"
+    assert text(user.run("-p", "echo", "just arg", input=b"  \n\t\n")) == "just arg\n"
+    assert text(user.run("-p", "echo", "two", "words")) == "two words\n"
+    contents = [c for r, c in user.messages() if r == "user"]
+    assert contents == ["only piped", "code here\n\nexplain", "just arg", "just arg", "two words"]
+
+
+@pytest.mark.parametrize("args, data", [([], b""), ([], b"  \n\n"), (["   "], None), ([""], b"")])
+def test_empty_message_is_a_usage_error_and_stores_nothing(user, args, data):
+    result = user.run("-p", "echo", *args, input=data)
+    assert_one_error_line(result, 2, "empty")
+    assert not user.db_path.exists() or user.session_ids() == []
+
+
+def test_invalid_utf8_and_nul_bytes_on_stdin(user):
+    result = user.run("-p", "echo", input=b"bad \xff\xfe bytes \x00 and nul")
+    assert result.returncode == 0, err(result)
+    assert user.messages()[0] == ("user", "bad \ufffd\ufffd bytes \x00 and nul")
+    assert text(result) == "bad \ufffd\ufffd bytes \x00 and nul\n"
+
+
+def test_invalid_utf8_in_the_argument(user):
+    result = subprocess.run([sys.executable.encode(), SYNAPSE.encode(), b"-p", b"echo", b"caf\xe9"],
+                            env=user.env, capture_output=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, err(result)
+    assert user.messages()[0] == ("user", "caf\ufffd")
+
+
+def test_ten_megabyte_message_is_stored_and_sent_as_is(user, server):
+    user.use_server(server)
+    big = ("line of text \x00 with nul " * 450_000)[:10 * 1024 * 1024]
+    result = user.run("summarise", input=big.encode())
+    assert result.returncode == 0, err(result)
+    expected = big.rstrip() + "\n\nsummarise"
+    assert server.received[-1].body["messages"][-1]["content"] == expected
+    assert user.rows("SELECT content FROM messages WHERE role = 'user'") == [(expected,)]
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def test_stdout_holds_only_the_reply(user, server, tmp_path):
+    user.use_server(server)
+    result = user.run("Hello")
+    assert result.stdout == b"Hello from the server\n"
+    assert "session:" not in err(result)  # stderr is not a terminal here
+
+
+def test_session_id_on_stderr_when_it_is_a_terminal(user):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, SYNAPSE, "-p", "echo", "hi"], env=user.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                                timeout=30)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            seen += data
+    finally:
+        os.close(master)
+    (sid,) = user.session_ids()
+    assert result.stdout == b"hi\n"
+    assert f"session: {sid}" in seen.decode()
+
+
+def test_openai_stream_oddities(user, server):
+    """Azure filter chunks, empty/missing/null content, DeepSeek thinking, usage."""
+    user.use_server(server)
+    body = sse(
+        {"choices": [], "prompt_filter_results": [{"prompt_index": 0}]},
+        openai_chunk(None, role="assistant", content=""),
+        openai_chunk(None, reasoning_content="secret thoughts"),
+        {"choices": [{"index": 0, "delta": {"content": None}}]},
+        openai_chunk("Visible"),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+    ) + b"data: [DONE]\n\n"
+    server.queue(Reply(chunks=[body]))
+    result = user.run("think")
+    assert result.returncode == 0 and text(result) == "Visible\n"
+    assert user.messages()[-1] == ("assistant", "Visible")
+    assert "secret" not in err(result)
+
+
+def test_no_stream_mode_for_both_protocols(user, server):
+    user.use_server(server)
+    server.queue(Reply(content_type="application/json", chunks=[json.dumps({
+        "id": "x", "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Whole reply"},
+                     "finish_reason": "stop"}]}).encode()]))
+    result = user.run("--no-stream", "hi")
+    assert text(result) == "Whole reply\n" and server.received[-1].body["stream"] is False
+    user.use_server(server, provider="anthropic")
+    server.queue(Reply(content_type="application/json", chunks=[json.dumps({
+        "id": "m", "type": "message", "role": "assistant",
+        "content": [{"type": "text", "text": "Claude says"}, {"type": "text", "text": " hi"}]}).encode()]))
+    result = user.run("--no-stream", "hi")
+    assert text(result) == "Claude says hi\n" and server.received[-1].body["stream"] is False
+    assert user.messages()[-1] == ("assistant", "Claude says hi")
+
+
+# -- HTTP errors, retries ------------------------------------------------------------
+
+
+def json_error(status: int, payload: dict, **headers: str) -> Reply:
+    return Reply(status=status, chunks=[json.dumps(payload).encode()],
+                 content_type="application/json", headers=headers)
+
+
+def test_401_shows_the_providers_message(user, server):
+    user.use_server(server, provider="anthropic")
+    server.queue(json_error(401, {"type": "error", "error": {"type": "authentication_error",
+                                                             "message": "invalid x-api-key"}}))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "anthropic returned 401 (authentication_error): invalid x-api-key")
+    assert len(server.received) == 1
+    assert user.messages() == [("user", "hi")]  # the user message is kept
+
+
+def test_429_then_retries_exhausted(user, server):
+    user.use_server(server)
+    for _ in range(3):
+        server.queue(json_error(429, {"error": {"message": "Rate limit reached", "type": "requests",
+                                                "code": "rate_limit_exceeded"}},
+                                **{"retry-after-ms": "10"}))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "deepseek returned 429", "Rate limit reached")
+    assert len(server.received) == 3  # one try and two retries
+
+
+def test_insufficient_quota_and_402_are_not_retried(user, server):
+    user.use_server(server)
+    server.queue(json_error(429, {"error": {"message": "You exceeded your current quota",
+                                            "type": "insufficient_quota", "code": "insufficient_quota"}}))
+    assert_one_error_line(user.run("hi"), 1, "429", "quota")
+    assert len(server.received) == 1
+    server.queue(json_error(402, {"error": {"message": "Insufficient Balance", "type": "unknown_error"}}))
+    assert_one_error_line(user.run("hi"), 1, "402", "Insufficient Balance")
+    assert len(server.received) == 2
+
+
+@pytest.mark.parametrize("status", [500, 529])
+def test_server_errors_are_retried_then_reported(user, server, status):
+    user.use_server(server, provider="anthropic")
+    for _ in range(3):
+        server.queue(json_error(status, {"type": "error", "error": {"type": "overloaded_error",
+                                                                    "message": "Overloaded"}},
+                                **{"retry-after-ms": "1"}))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, f"anthropic returned {status} (overloaded_error): Overloaded")
+    assert len(server.received) == 3
+
+
+def test_two_503s_then_success(user, server):
+    user.use_server(server)
+    server.queue(Reply(status=503, chunks=[b"busy"], content_type="text/plain",
+                       headers={"Retry-After": "0"}),
+                 Reply(status=503, chunks=[b""], content_type="text/plain",
+                       headers={"retry-after-ms": "5"}),
+                 Reply(chunks=[openai_stream("Finally")]))
+    result = user.run("hi")
+    assert result.returncode == 0 and text(result) == "Finally\n"
+    assert len(server.received) == 3
+    assert user.messages() == [("user", "hi"), ("assistant", "Finally")]
+
+
+def test_html_and_empty_error_bodies(user, server):
+    user.use_server(server)
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    server.queue(Reply(status=404, chunks=[page], content_type="text/html"))
+    assert_one_error_line(user.run("hi"), 1, "deepseek returned 404", "HTML")
+    server.queue(Reply(status=400, chunks=[], content_type="text/plain"))
+    assert_one_error_line(user.run("hi"), 1, "deepseek returned 400", "empty body")
+
+
+def test_retry_delay_rules():
+    assert synapse.retry_delay(0, {}) == 1.0 and synapse.retry_delay(1, {}) == 2.0
+    assert synapse.retry_delay(0, {"retry-after-ms": "250"}) == 0.25
+    assert synapse.retry_delay(0, {"retry-after": "3"}) == 3.0
+    assert synapse.retry_delay(0, {"retry-after-ms": "100", "retry-after": "9"}) == 0.1
+    assert synapse.retry_delay(0, {"retry-after": "600"}) == 30.0
+    assert synapse.retry_delay(1, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 2.0
+
+
+def test_connection_refused_is_retried_then_reported(user):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    user.write_config(f'provider = "ollama"\nbase_url = "http://127.0.0.1:{port}/v1"\n')
+    started = time.monotonic()
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "cannot reach ollama", "refused")
+    assert time.monotonic() - started >= 2.5  # two backoff waits: 1 s and 2 s
+    assert user.messages() == [("user", "hi")]
+
+
+# -- broken streams ------------------------------------------------------------
+
+
+def test_connection_dropped_mid_reply_keeps_the_partial_reply(user, server):
+    user.use_server(server)
+    partial = openai_stream("Part one", " and two", done=False)
+    server.queue(Reply(chunks=[partial], drop=True))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "deepseek")
+    assert text(result) == "Part one and two\n"
+    assert user.messages() == [("user", "hi"), ("assistant", "Part one and two")]
+    assert len(server.received) == 1  # text was printed: no retry
+
+
+def test_stream_without_end_marker(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("cut", done=False)]))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "ended the reply before data: [DONE]")
+    assert user.messages()[-1] == ("assistant", "cut")
+    user.use_server(server, provider="anthropic")
+    server.queue(Reply(chunks=[anthropic_stream("half", stop=False)], chunked=False))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "message_stop")
+    assert user.messages()[-1] == ("assistant", "half")
+
+
+def test_error_event_inside_a_200_stream(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[sse(openai_chunk("some"),
+                                   {"error": {"message": "context too long", "type": "invalid_request_error"}})]))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "invalid_request_error", "context too long")
+    assert user.messages()[-1] == ("assistant", "some")
+    user.use_server(server, provider="anthropic")
+    body = anthropic_stream("x", stop=False) + anthropic_event(
+        "error", error={"type": "overloaded_error", "message": "Overloaded"})
+    server.queue(Reply(chunks=[body]))
+    assert_one_error_line(user.run("hi"), 1, "overloaded_error", "Overloaded")
+
+
+def test_malformed_streams(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[b'data: {"choices": [{"delta": {"content": "a"\n\n']))
+    assert_one_error_line(user.run("hi"), 1, "malformed stream event")
+    server.queue(Reply(chunks=[b"this is not json at all"], content_type="application/json"))
+    assert_one_error_line(user.run("hi"), 1, "not JSON")
+    server.queue(Reply(chunks=[b"<html>login page</html>"], content_type="text/html"))
+    assert_one_error_line(user.run("hi"), 1, "HTML")
+
+
+def test_stream_split_at_every_byte_boundary():
+    recorded = (b": keep-alive\r\n\r\n" + openai_stream("Caf\u00e9 ", "\u2028line ", "\U0001F600!")
+                .replace(b"\n\n", b"\r\n\r\n", 2))
+    whole = synapse.EventStreamParser()
+    expected = whole.feed(recorded) + whole.close()
+    assert expected[-1].data == "[DONE]"
+    for cut in range(len(recorded) + 1):
+        parser = synapse.EventStreamParser()
+        events = parser.feed(recorded[:cut]) + parser.feed(recorded[cut:]) + parser.close()
+        assert events == expected, cut
+    parser = synapse.EventStreamParser()
+    events = [e for i in range(len(recorded)) for e in parser.feed(recorded[i:i + 1])]
+    assert events + parser.close() == expected
+
+
+def test_event_stream_parser_rules():
+    parser = synapse.EventStreamParser()
+    stream = (b"event: a\ndata:no space\ndata:  two spaces\n\n"
+              b": comment\r\nid: 5\rdata: cr line\r\r"
+              b"data: x\r\ndata: y\r\n\r\n"
+              b"data: \xe2\x80\xa8 inside\n\n"
+              b"data: last without blank line")
+    events = parser.feed(stream) + parser.close()
+    assert events == [synapse.ServerEvent("a", "no space\n two spaces"),
+                      synapse.ServerEvent("message", "cr line"),
+                      synapse.ServerEvent("message", "x\ny"),
+                      synapse.ServerEvent("message", "\u2028 inside"),
+                      synapse.ServerEvent("message", "last without blank line")]
+
+
+def test_one_byte_network_writes_and_split_multibyte_characters(user, server):
+    user.use_server(server)
+    body = openai_stream("na\u00efve ", "\u65e5\u672c\u8a9e ", "\U0001F389")
+    server.queue(Reply(chunks=[body[i:i + 1] for i in range(len(body))]))
+    result = user.run("hi")
+    assert result.returncode == 0, err(result)
+    assert text(result) == "na\u00efve \u65e5\u672c\u8a9e \U0001F389\n"
+
+
+def test_multibyte_character_split_across_two_writes_without_charset(user, server):
+    user.write_config(f'provider = "ollama"\nbase_url = "{server.url}/v1"\n')
+    body = openai_stream("caf\u00e9 \U0001F600")
+    cut = body.index("\U0001F600".encode()) + 2
+    server.queue(Reply(chunks=[body[:cut], body[cut:]], delay=0.05, content_type="text/event-stream"))
+    result = user.run("hi")
+    assert text(result) == "caf\u00e9 \U0001F600\n"
+    assert user.messages()[-1] == ("assistant", "caf\u00e9 \U0001F600")
+
+
+def test_read_timeout_between_bytes(user, server):
+    user.use_server(server, extra="timeout = 1\n")
+    server.queue(Reply(chunks=[openai_stream("slow", done=False), b"data: [DONE]\n\n"], delay=3))
+    result = user.run("hi")
+    assert_one_error_line(result, 1, "deepseek")
+    assert user.messages() == [("user", "hi")]
+
+
+def wait_for_output(process: subprocess.Popen, deadline: float = 20) -> bytes:
+    """The first bytes the child prints, as soon as they arrive."""
+    os.set_blocking(process.stdout.fileno(), False)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        data = process.stdout.read()
+        if data:
+            return data
+        time.sleep(0.01)
+    raise AssertionError("no output")
+
+
+def slow_stream(pieces: int, delay: float) -> Reply:
+    body = [sse(openai_chunk(None, role="assistant"))]
+    body += [sse(openai_chunk(f"w{i} ")) for i in range(pieces)]
+    return Reply(chunks=body + [b"data: [DONE]\n\n"], delay=delay)
+
+
+def test_first_chunk_reaches_stdout_long_before_a_slow_stream_ends(user, server):
+    user.use_server(server)
+    server.queue(slow_stream(pieces=8, delay=0.5))
+    started = time.monotonic()
+    process = user.popen("hi")
+    first = wait_for_output(process)
+    first_at = time.monotonic() - started
+    process.wait(timeout=30)
+    total = time.monotonic() - started
+    assert first.startswith(b"w0")
+    assert total - first_at > 2.0, (first_at, total)  # generous: the stream takes ~4 s
+    assert process.returncode == 0
+
+
+def test_sigint_during_a_slow_stream_keeps_the_partial_reply(user, server):
+    user.use_server(server)
+    server.queue(slow_stream(pieces=50, delay=0.2))
+    process = user.popen("hi")
+    got = wait_for_output(process)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert b"Traceback" not in stderr
+    printed = (got + out).decode()
+    assert printed.endswith("\n") and printed.startswith("w0 ")
+    messages = user.messages()
+    assert messages[0] == ("user", "hi")
+    assert messages[1][0] == "assistant" and messages[1][1].startswith("w0 w1")
+    assert printed.rstrip("\n") == messages[1][1]
+
+
+def test_api_key_never_in_any_output(user, server):
+    user.use_server(server, extra=f'\n')
+    server.queue(json_error(401, {"error": {"message": f"Incorrect API key provided: {KEY}",
+                                            "type": "invalid_request_error"}}))
+    outputs = [user.run("hi", env={"SYNAPSE_DEBUG": "1"})]
+    server.queue(Reply(chunks=[sse({"error": {"message": f"bad key {KEY}"}})]))
+    outputs.append(user.run("hi", env={"SYNAPSE_DEBUG": "1"}))
+    outputs.append(user.run("sessions", "list", "--json"))
+    outputs.append(user.run("sessions", "export", user.session_ids()[0]))
+    for result in outputs:
+        assert KEY not in text(result) + err(result)
+    assert "[redacted]" in err(outputs[0]) and "Traceback" in err(outputs[0])
+    dump = "\n".join(sqlite3.connect(user.db_path).iterdump())
+    assert KEY not in dump
