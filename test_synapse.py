@@ -1569,3 +1569,215 @@ def test_api_key_never_in_any_output(user, server):
     assert "[redacted]" in err(outputs[0]) and "Traceback" in err(outputs[0])
     dump = "\n".join(sqlite3.connect(user.db_path).iterdump())
     assert KEY not in dump
+
+
+# ---------------------------------------------------------------------------
+# The rest of the session tools (SPEC §3)
+# ---------------------------------------------------------------------------
+
+
+def test_sessions_rename(user):
+    user.run("-p", "echo", "hi")
+    (sid,) = user.session_ids()
+    result = user.run("sessions", "rename", sid[:5], "Trip plans \u2708")
+    assert result.returncode == 0 and sid in text(result)
+    assert user.rows("SELECT name FROM sessions") == [("Trip plans \u2708",)]
+    assert_one_error_line(user.run("sessions", "rename", str(uuid.uuid4()), "x"), 1, "not found")
+
+
+def test_sessions_export_markdown_json_and_file(user, tmp_path):
+    user.run("-p", "echo", "--system", "You are a pirate.", "--name", "Pirate talk", "Ahoy")
+    (sid,) = user.session_ids()
+    markdown = text(user.run("sessions", "export", sid))
+    assert markdown.startswith("# Pirate talk\n")
+    assert f"`{sid}`" in markdown and "- Provider: echo" in markdown and "- Model: echo" in markdown
+    assert "## System\n\nYou are a pirate.\n" in markdown
+    assert markdown.index("## User\n\nAhoy\n") < markdown.index("## Assistant\n\nAhoy\n")
+    exported = json.loads(text(user.run("sessions", "export", sid, "--format", "json")))
+    assert exported == json.loads(text(user.run("sessions", "show", sid, "--json")))
+    target = tmp_path / "out.md"
+    result = user.run("sessions", "export", sid[:6], "-o", str(target))
+    assert result.returncode == 0 and target.read_text(encoding="utf-8") == markdown
+    assert_one_error_line(user.run("sessions", "export", sid, "-o", str(tmp_path / "no" / "x.md")),
+                          1, "cannot write")
+
+
+def test_sessions_search(user):
+    user.run("-p", "echo", "The Quick Brown Fox")
+    user.run("-p", "echo", "nothing to see")
+    user.run("-p", "echo", "100% sure_thing it's \"quoted\"")
+    user.run("-p", "echo", "\u00c4rger mit \u00dcmlauten")
+    fox, nothing, percent, umlaut = user.session_ids()
+    result = user.run("sessions", "search", "qUICK bROWN")
+    assert result.returncode == 0
+    assert fox in text(result) and nothing not in text(result)
+    assert "Quick Brown Fox" in text(result)
+    data = json.loads(text(user.run("sessions", "search", "%", "--json")))
+    assert [d["id"] for d in data] == [percent]
+    assert "100% sure_thing" in data[0]["snippet"]
+    assert [d["id"] for d in json.loads(text(user.run("sessions", "search", "e_t", "--json")))] == [percent]
+    assert [d["id"] for d in json.loads(text(user.run("sessions", "search", "it's \"q", "--json")))] == [percent]
+    assert [d["id"] for d in json.loads(text(user.run("sessions", "search", "\u00e4RGER", "--json")))] == [umlaut]
+    none = user.run("sessions", "search", "zebra")
+    assert none.returncode == 0 and "No sessions match" in text(none)
+    assert json.loads(text(user.run("sessions", "search", "zebra", "--json"))) == []
+
+
+def test_sessions_search_order_limit_and_snippet(user):
+    for i in range(3):
+        user.run("-p", "echo", f"needle number {i} " + "padding " * 30)
+    ids = user.session_ids()
+    data = json.loads(text(user.run("sessions", "search", "NEEDLE", "--json", "--limit", "2")))
+    assert [d["id"] for d in data] == [ids[2], ids[1]]
+    assert len(data[0]["snippet"]) <= 80 and "needle number 2" in data[0]["snippet"]
+    assert synapse.make_snippet("x" * 200 + "target" + "y" * 200, "TARGET").count("target") == 1
+
+
+def test_sessions_cleanup_and_dry_run(user):
+    user.write_config("[session]\nmax_sessions = 2\nretention_days = 30\nauto_cleanup = false\n")
+    for i in range(5):
+        user.run("-p", "echo", f"chat {i}")
+    ids = user.session_ids()
+    set_updated(user.db_path, ids[0], NOW - timedelta(days=40))
+    dry = user.run("sessions", "cleanup", "--dry-run")
+    assert dry.returncode == 0
+    assert text(dry).splitlines()[0].startswith(
+        "Would delete 3 sessions (2 over max_sessions, 1 past retention_days)")
+    assert all(sid in text(dry) for sid in ids[:3])
+    assert user.session_ids() == ids
+    real = user.run("sessions", "cleanup")
+    assert text(real) == "Deleted 3 sessions (2 over max_sessions, 1 past retention_days)\n"
+    assert user.session_ids() == ids[3:]
+    assert user.rows("SELECT count(*) FROM messages") == [(4,)]
+
+
+def test_auto_cleanup_runs_on_chat_and_protects_the_continued_session(user):
+    for i in range(3):
+        user.run("-p", "echo", f"chat {i}")
+    ids = user.session_ids()
+    set_updated(user.db_path, ids[0], NOW - timedelta(days=400))
+    user.write_config("[session]\nmax_sessions = 1\nretention_days = 90\n")
+    result = user.run("-p", "echo", "-s", ids[0], "still here")
+    assert result.returncode == 0
+    assert user.session_ids() == [ids[0]]
+    user.write_config("[session]\nmax_sessions = 1\nauto_cleanup = false\n")
+    user.run("-p", "echo", "new one")
+    assert len(user.session_ids()) == 2
+
+
+# ---------------------------------------------------------------------------
+# Interactive mode (SPEC §7)
+# ---------------------------------------------------------------------------
+
+
+def test_repl_scripted_turns_in_one_session(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("one")]), Reply(chunks=[openai_stream("two")]))
+    result = user.run("-r", input=b"first\n\nsecond\n")
+    assert result.returncode == 0, err(result)
+    assert text(result) == "one\ntwo\n"  # no prompt when stdin is not a terminal
+    (sid,) = user.session_ids()
+    assert f"session: {sid}" in err(result)
+    assert server.received[-1].body["messages"] == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "second"}]
+
+
+def test_repl_commands_new_session_and_exit(user):
+    script = "a\n/session\n/new\nb\n/help\n/bogus\n/exit\nnot sent\n"
+    result = user.run("-r", "-p", "echo", "--name", "named", input=script.encode())
+    assert result.returncode == 0, err(result)
+    first, second = user.session_ids()
+    out = text(result)
+    assert out.startswith(f"a\n{first}\nb\n")
+    assert "/new" in out and "/exit" in out  # the help text
+    assert "unknown command /bogus" in err(result)
+    assert err(result).rstrip().endswith(f"session: {second}")
+    assert user.rows("SELECT name FROM sessions") == [("named",), ("named",)]
+    assert [c for _, c in user.messages()] == ["a", "a", "b", "b"]
+    assert "not sent" not in out
+
+
+def test_repl_resumes_with_history(user, server):
+    user.use_server(server)
+    user.run("-p", "echo", "earlier question")
+    (sid,) = user.session_ids()
+    server.queue(Reply(chunks=[openai_stream("later answer")]))
+    result = user.run("-r", "-s", sid[:4], "-p", "deepseek", input=b"later question\n/quit\n")
+    assert result.returncode == 0, err(result)
+    assert server.received[-1].body["messages"] == [
+        {"role": "user", "content": "earlier question"},
+        {"role": "assistant", "content": "earlier question"},
+        {"role": "user", "content": "later question"}]
+    assert user.session_ids() == [sid] and f"session: {sid}" in err(result)
+
+
+def test_repl_provider_error_keeps_the_loop_going(user, server):
+    user.use_server(server)
+    server.queue(json_error(400, {"error": {"message": "bad request", "type": "invalid_request_error"}}),
+                 Reply(chunks=[openai_stream("recovered")]))
+    result = user.run("-r", input=b"one\ntwo\n")
+    assert "bad request" in err(result) and text(result) == "recovered\n"
+    assert [c for _, c in user.messages()] == ["one", "two", "recovered"]
+
+
+def test_repl_needs_its_provider_key_before_starting(user):
+    result = user.run("-r", input=b"hello\n")
+    assert_one_error_line(result, 2, "DEEPSEEK_API_KEY")
+    assert not user.db_path.exists()
+
+
+class Tmux:
+    def __init__(self, socket_path: Path, env: dict):
+        self.base = ["tmux", "-S", str(socket_path)]
+        self.env = env
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run([*self.base, *args], capture_output=True, text=True,
+                              env=self.env, timeout=30).stdout
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "t")
+
+    def wait_for(self, predicate, timeout: float = 20) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.1)
+        raise AssertionError(f"screen never matched:\n{self.screen()}")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
+def test_repl_in_a_real_terminal(user, server, tmp_path):
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("Streamed", " reply")]), slow_stream(pieces=200, delay=0.1))
+    tmux = Tmux(tmp_path / "tmux.sock", {**user.env, "TERM": "xterm"})
+    log = tmp_path / "stderr.log"
+    command = f"{sys.executable} {SYNAPSE} -r 2>{log}; echo EXITED $?; sleep 30"
+    tmux("new-session", "-d", "-s", "t", "-x", "120", "-y", "40", command)
+    try:
+        tmux.wait_for(lambda s: s.rstrip().endswith(">"))
+        tmux("send-keys", "-t", "t", "Hello there", "Enter")
+        tmux.wait_for(lambda s: "Streamed reply" in s and s.rstrip().endswith(">"))
+        tmux("send-keys", "-t", "t", "Tell me a long story", "Enter")
+        tmux.wait_for(lambda s: "w3 " in s)
+        tmux("send-keys", "-t", "t", "C-c")
+        screen = tmux.wait_for(lambda s: s.rstrip().endswith(">"))
+        assert "EXITED" not in screen  # Ctrl-C during a reply returns to the prompt
+        (sid,) = user.session_ids()
+        messages = user.messages()
+        assert messages[:3] == [("user", "Hello there"), ("assistant", "Streamed reply"),
+                                ("user", "Tell me a long story")]
+        assert messages[3][0] == "assistant" and messages[3][1].startswith("w0 w1 w2 w3")
+        assert len(messages[3][1].split()) < 200
+        tmux("send-keys", "-t", "t", "C-d")
+        screen = tmux.wait_for(lambda s: "EXITED" in s)
+        assert "EXITED 0" in screen
+        assert f"session: {sid}" in log.read_text()
+        history = user.config_dir / "history"
+        assert history.exists() and stat.S_IMODE(history.stat().st_mode) == 0o600
+        assert "Hello there" in history.read_text()
+    finally:
+        tmux("kill-server")
