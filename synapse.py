@@ -1139,9 +1139,12 @@ def retry_delay(attempt: int, headers: Mapping[str, str]) -> float:
 def _error_details(body: bytes) -> Tuple[Optional[str], Optional[str]]:
     """(type or code, message) from an error body of any provider."""
     try:
-        data = json.loads(body.decode("utf-8", "replace"))
+        return _error_fields(json.loads(body.decode("utf-8", "replace")))
     except ValueError:
         return None, None
+
+
+def _error_fields(data: object) -> Tuple[Optional[str], Optional[str]]:
     error = data.get("error", data) if isinstance(data, dict) else None
     if isinstance(error, str):
         return None, error  # Ollama: {"error": "model 'x' not found"}
@@ -1289,7 +1292,7 @@ def _json_event(provider: Provider, data: str) -> dict:
 
 
 def _stream_error(provider: Provider, value: Mapping[str, object]) -> ProviderError:
-    kind, message = _error_details(json.dumps(value).encode())
+    kind, message = _error_fields(value)
     label = f" ({kind})" if kind else ""
     return ProviderError(f"{provider.name} reported an error mid-reply{label}: "
                          f"{_one_line(message or 'no details')}")
@@ -1347,7 +1350,12 @@ def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str
         if content:
             yield content
         return
-    for event in iter_events(response, provider):
+    yield from openai_texts(provider, iter_events(response, provider))
+
+
+def openai_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterator[str]:
+    """The reply text in an OpenAI-style event stream, up to ``[DONE]``."""
+    for event in events:
         data = event.data.strip()
         if data == "[DONE]":
             return
@@ -1358,9 +1366,10 @@ def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str
             raise _stream_error(provider, value)
         # Azure sends filter results with no choices first; usage comes last.
         choices = value.get("choices") or []
-        delta = (choices[0].get("delta") or {}) if choices and isinstance(choices[0], dict) else {}
+        first = choices[0] if isinstance(choices, list) and choices else None
+        delta = first.get("delta") if isinstance(first, dict) else None
         # reasoning_content (DeepSeek's thinking) is not the reply: skipped.
-        content = delta.get("content")
+        content = delta.get("content") if isinstance(delta, dict) else None
         if isinstance(content, str) and content:
             yield content
     raise _missing_end(provider, "data: [DONE]")
@@ -1400,15 +1409,22 @@ def stream_anthropic_chat(provider: Provider, request: ChatRequest) -> Iterator[
             if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
                 yield block["text"]
         return
-    for event in iter_events(response, provider):
+    yield from anthropic_texts(provider, iter_events(response, provider))
+
+
+def anthropic_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterator[str]:
+    """The reply text in an Anthropic event stream, up to ``message_stop``."""
+    for event in events:
         if not event.data.strip():
             continue
         value = _json_event(provider, event.data)
         kind = value.get("type", event.event)
         if kind == "content_block_delta":
-            delta = value.get("delta") or {}
-            if delta.get("type") == "text_delta" and delta.get("text"):
-                yield delta["text"]
+            delta = value.get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                text = delta.get("text")
+                if isinstance(text, str) and text:
+                    yield text
         elif kind == "message_stop":
             return
         elif kind == "error":
