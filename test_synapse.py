@@ -8,6 +8,7 @@ database, as users run it.  No test touches the internet.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -1781,3 +1782,295 @@ def test_repl_in_a_real_terminal(user, server, tmp_path):
         assert "Hello there" in history.read_text()
     finally:
         tmux("kill-server")
+
+
+# ---------------------------------------------------------------------------
+# Reliability and security (SPEC §8)
+# ---------------------------------------------------------------------------
+
+
+def integrity(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT count(*) FROM messages WHERE session_id NOT IN"
+                            " (SELECT id FROM sessions)").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+WORKER = """
+import subprocess, sys
+synapse, worker, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+extra = sys.argv[4:]
+failures = 0
+for i in range(count):
+    r = subprocess.run([sys.executable, synapse, "-p", "echo", *extra, f"worker {worker} chat {i}"],
+                       capture_output=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0 or r.stdout != f"worker {worker} chat {i}\\n".encode():
+        failures += 1
+        sys.stderr.buffer.write(r.stderr)
+sys.exit(1 if failures else 0)
+"""
+
+
+def run_workers(user: User, tmp_path: Path, workers: int, count: int, *extra: str) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    processes = [subprocess.Popen([sys.executable, str(script), SYNAPSE, str(w), str(count), *extra],
+                                  env=user.env, stderr=subprocess.PIPE, cwd=user.root)
+                 for w in range(workers)]
+    for p in processes:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr.decode()
+        assert b"locked" not in stderr
+
+
+@pytest.mark.slow
+def test_eight_processes_chatting_into_one_new_database(user, tmp_path):
+    run_workers(user, tmp_path, workers=8, count=10)
+    assert len(user.session_ids()) == 80
+    contents = sorted(c for r, c in user.messages() if r == "user")
+    assert contents == sorted(f"worker {w} chat {i}" for w in range(8) for i in range(10))
+    assert len(user.messages()) == 160
+    integrity(user.db_path)
+
+
+@pytest.mark.slow
+def test_two_processes_appending_to_one_session(user, tmp_path):
+    user.run("-p", "echo", "start")
+    (sid,) = user.session_ids()
+    run_workers(user, tmp_path, 2, 10, "-s", sid)
+    assert user.session_ids() == [sid]
+    messages = user.messages()
+    assert len(messages) == 42
+    assert sorted(c for r, c in messages if r == "user") == sorted(
+        ["start"] + [f"worker {w} chat {i}" for w in range(2) for i in range(10)])
+    integrity(user.db_path)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_of_a_chat(user, server):
+    user.use_server(server)
+    rng = random.Random(8)
+    started_streaming = []
+    for attempt in range(12):
+        server.queue(slow_stream(pieces=12, delay=0.05))
+        process = user.popen(f"turn {attempt}")
+        time.sleep(rng.uniform(0.0, 1.2))
+        os.set_blocking(process.stdout.fileno(), False)
+        printed = process.stdout.read() or b""
+        process.kill()
+        process.wait()
+        if printed:
+            started_streaming.append(f"turn {attempt}")
+        if user.db_path.exists():
+            integrity(user.db_path)
+    stored = {c for r, c in user.messages() if r == "user"}
+    assert set(started_streaming) <= stored
+    assert started_streaming, "no kill landed mid-stream; the timings need a look"
+    assert user.run("sessions", "list").returncode == 0
+
+
+SLOW_MIGRATION = """
+-- migration: {next} a slow one
+CREATE TABLE filler (n INTEGER, pad TEXT);
+INSERT INTO filler WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 3000000)
+  SELECT n, hex(randomblob(16)) FROM c;
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_migration_leaves_a_whole_version(user, tmp_path):
+    user.run("-p", "echo", "before the upgrade")
+    version = len(synapse.load_migrations())
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    shutil.copy(SYNAPSE, newer / "synapse.py")
+    schema = (HERE / "schema.sql").read_text() + SLOW_MIGRATION.format(next=version + 1)
+    (newer / "schema.sql").write_text(schema)
+    process = subprocess.Popen([sys.executable, str(newer / "synapse.py"), "sessions", "list"],
+                               env=user.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    assert process.poll() is None, "the migration finished before it could be killed"
+    process.kill()
+    process.wait()
+    integrity(user.db_path)
+    conn = sqlite3.connect(user.db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == version
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'filler'").fetchone() == (0,)
+    conn.close()
+    assert "before the upgrade" in text(user.run("sessions", "list"))
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """A file even root cannot write (root ignores mode bits)."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available to make a read-only file as root")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    else:
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(0o600)
+
+
+def test_read_only_database(user):
+    user.run("-p", "echo", "kept")
+    with read_only(user.db_path):
+        result = user.run("-p", "echo", "new")
+        assert_one_error_line(result, 1, "read-only")
+    assert [c for _, c in user.messages()] == ["kept", "kept"]
+
+
+def test_directory_where_the_database_should_be(user):
+    user.db_path.mkdir(parents=True)
+    assert_one_error_line(user.run("-p", "echo", "hi"), 1, "is a directory")
+    assert_one_error_line(user.run("sessions", "list"), 1, "is a directory")
+
+
+def test_corrupt_and_foreign_database_files(user):
+    user.config_dir.mkdir(parents=True)
+    user.db_path.write_bytes(b"SQLite format 3\x00" + b"\xde\xad" * 3000)
+    before = user.db_path.read_bytes()
+    assert_one_error_line(user.run("-p", "echo", "hi"), 1, "damaged")
+    assert user.db_path.read_bytes() == before
+    user.db_path.write_bytes(b"PK\x03\x04 a zip file")
+    assert_one_error_line(user.run("sessions", "list"), 1, "not a SQLite database")
+    assert user.db_path.read_bytes() == b"PK\x03\x04 a zip file"
+
+
+def test_newer_database_in_a_subprocess(user):
+    user.run("-p", "echo", "hi")
+    conn = sqlite3.connect(user.db_path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    before = user.db_path.read_bytes()
+    assert_one_error_line(user.run("-p", "echo", "hi"), 1, "newer", "upgrade synapse")
+    assert_one_error_line(user.run("sessions", "list"), 1, "newer")
+    assert user.db_path.read_bytes() == before
+
+
+def test_postgres_url_and_bad_toml_in_a_subprocess(user):
+    user.write_config('[session]\ndatabase_url = "postgres://db.example/synapse"\n')
+    assert_one_error_line(user.run("-p", "echo", "hi"), 2, "only SQLite")
+    assert_one_error_line(user.run("sessions", "list"), 2, "only SQLite")
+    user.write_config("provider = [unclosed\n")
+    assert_one_error_line(user.run("-p", "echo", "hi"), 2, "config.toml", "not valid TOML")
+
+
+def test_permissions_under_a_permissive_umask_in_a_subprocess(user):
+    result = subprocess.run([sys.executable, SYNAPSE, "-p", "echo", "private"], env=user.env,
+                            capture_output=True, preexec_fn=lambda: os.umask(0),
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0
+    assert stat.S_IMODE(user.db_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(user.config_dir.stat().st_mode) == 0o700
+
+
+def test_config_permission_warning_in_a_subprocess(user):
+    user.write_config(f'api_key = "{KEY}"\nprovider = "echo"\n', mode=0o644)
+    result = user.run("hi")
+    assert result.returncode == 0
+    assert err(result).count("chmod 600") == 1 and KEY not in err(result)
+
+
+def test_unexpected_exceptions_are_one_line_without_traceback(monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"surprise with {KEY}")
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("SYNAPSE_DEBUG", raising=False)
+    monkeypatch.setattr(synapse, "load_config", boom)
+    assert synapse.main(["sessions", "list"]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "unexpected RuntimeError" in stderr
+    assert KEY not in stderr and "[redacted]" in stderr
+
+
+# -- the parser against anything ---------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+DATA_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@st.composite
+def event_streams(draw):
+    """(bytes of a valid stream, the events it must parse into)."""
+    events = draw(st.lists(st.tuples(st.sampled_from(["", "message", "delta"]),
+                                     st.lists(DATA_TEXT, min_size=1, max_size=3)), max_size=6))
+    # One line ending per stream: "\r" then "\n" would be one CRLF.
+    ending = draw(st.sampled_from(["\n", "\r", "\r\n"]))
+    out, expected = [], []
+    for name, lines in events:
+        lines = [line.replace("\r", " ").replace("\n", " ") for line in lines]
+        if draw(st.booleans()):
+            out.append(": keep-alive" + ending)
+        if name:
+            out.append(f"event: {name}" + ending)
+        for line in lines:
+            # One space after "data:" is dropped: a value that starts with a
+            # space keeps it only when written after "data: ".
+            space = " " if line.startswith(" ") else draw(st.sampled_from(["", " "]))
+            out.append("data:" + space + line + ending)
+        out.append(ending)
+        expected.append(synapse.ServerEvent(name or "message", "\n".join(lines)))
+    return "".join(out).encode("utf-8"), expected
+
+
+def reference_events(raw: bytes):
+    parser = synapse.EventStreamParser()
+    return parser.feed(raw) + parser.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_streams(), st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+def test_parser_never_loses_text_at_any_split(stream, cuts):
+    raw, expected = stream
+    whole = reference_events(raw)
+    assert whole == expected
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    parser = synapse.EventStreamParser()
+    got, start = [], 0
+    for point in points + [len(raw)]:
+        got += parser.feed(raw[start:point])
+        start = point
+    assert got + parser.close() == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=300), max_size=5))
+def test_junk_raises_only_provider_errors(junk, cuts):
+    provider = synapse.Provider("p", "openai", "http://x", "m", None)
+    for interpret in (synapse.openai_texts, synapse.anthropic_texts):
+        parser = synapse.EventStreamParser()
+        events, start = [], 0
+        for point in sorted(c % (len(junk) + 1) for c in cuts) + [len(junk)]:
+            events += parser.feed(junk[start:point])
+            start = point
+        events += parser.close()
+        try:
+            list(interpret(provider, events))
+        except synapse.ProviderError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=8))
+def test_openai_texts_keep_every_piece(pieces):
+    raw = openai_stream(*pieces)
+    provider = synapse.Provider("p", "openai", "http://x", "m", None)
+    parser = synapse.EventStreamParser()
+    events = [e for i in range(0, len(raw), 7) for e in parser.feed(raw[i:i + 7])] + parser.close()
+    assert "".join(synapse.openai_texts(provider, events)) == "".join(pieces)
