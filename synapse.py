@@ -34,9 +34,8 @@ import sqlite3
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from types import MappingProxyType
 from typing import (
     Callable,
     Dict,
@@ -44,6 +43,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Protocol,
     Sequence,
@@ -53,7 +53,7 @@ from typing import (
 
 __version__ = "0.1.0"
 
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
 
 
 # ---------------------------------------------------------------------------
@@ -168,8 +168,7 @@ def new_message_id() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-@dataclass
-class Session:
+class Session(NamedTuple):
     id: uuid.UUID
     name: Optional[str]
     provider: str
@@ -190,8 +189,7 @@ class Session:
         return cls(uuid.uuid4(), name, provider, model, system_prompt, now, now)
 
 
-@dataclass(frozen=True)
-class SessionSummary:
+class SessionSummary(NamedTuple):
     id: uuid.UUID
     name: Optional[str]
     provider: str
@@ -202,8 +200,7 @@ class SessionSummary:
     preview: Optional[str]
 
 
-@dataclass(frozen=True)
-class StoredMessage:
+class StoredMessage(NamedTuple):
     id: uuid.UUID
     session_id: uuid.UUID
     role: Role
@@ -215,25 +212,20 @@ class StoredMessage:
         return cls(new_message_id(), session_id, Role(role), content, utc_now())
 
 
-@dataclass(frozen=True)
-class CleanupResult:
+class CleanupResult(NamedTuple):
     sessions_deleted: int
     by_max_limit: int
     by_retention: int
-    # Which sessions went (or, on a dry run, would go); not part of equality.
-    session_ids: Tuple[uuid.UUID, ...] = field(default=(), compare=False)
 
 
-@dataclass(frozen=True)
-class SessionConfig:
+class SessionConfig(NamedTuple):
     max_sessions: int = 100
     retention_days: int = 90
     auto_cleanup: bool = True
     database_url: Optional[str] = None
 
 
-@dataclass(frozen=True)
-class SearchHit:
+class SearchHit(NamedTuple):
     session: SessionSummary
     snippet: str
 
@@ -260,8 +252,7 @@ def make_preview(text: Optional[str], length: int = PREVIEW_LENGTH) -> Optional[
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ProviderSettings:
+class ProviderSettings(NamedTuple):
     """One provider as built in and as the config file amends it."""
 
     name: str
@@ -297,9 +288,8 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = {
 }
 
 
-@dataclass(frozen=True)
-class Config:
-    path: Optional[Path] = None
+class Config(NamedTuple):
+    path: Optional[str] = None
     provider: str = "deepseek"
     model: Optional[str] = None
     api_key: Optional[str] = None
@@ -308,12 +298,11 @@ class Config:
     temperature: Optional[float] = None
     timeout: float = 600.0
     system_prompt: Optional[str] = None
-    providers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
-    session: SessionConfig = field(default_factory=SessionConfig)
+    providers: Mapping[str, Mapping[str, object]] = MappingProxyType({})
+    session: SessionConfig = SessionConfig()
 
 
-@dataclass(frozen=True)
-class Provider:
+class Provider(NamedTuple):
     """The provider in force for one turn: everything a client needs."""
 
     name: str
@@ -324,10 +313,10 @@ class Provider:
     max_tokens_field: str = "max_tokens"
 
 
-def config_home(env: Mapping[str, str]) -> Path:
+def config_home(env: Mapping[str, str]) -> str:
     xdg = env.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".config"
-    return base / "synapse"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(xdg or os.path.join(home, ".config"), "synapse")
 
 
 def warn(message: str) -> None:
@@ -367,7 +356,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
-                   where: str, path: Path) -> Dict[str, object]:
+                   where: str, path: str) -> Dict[str, object]:
     """Keep known keys of the right type; warn about unknown ones."""
     checked: Dict[str, object] = {}
     for key, value in table.items():
@@ -384,13 +373,13 @@ def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
     return checked
 
 
-def find_config_path(explicit: Optional[str], env: Mapping[str, str]) -> Tuple[Path, bool]:
+def find_config_path(explicit: Optional[str], env: Mapping[str, str]) -> Tuple[str, bool]:
     """The config file in force and whether the user named it."""
     if explicit:
-        return Path(explicit).expanduser(), True
+        return os.path.expanduser(explicit), True
     if env.get("SYNAPSE_CONFIG"):
-        return Path(env["SYNAPSE_CONFIG"]).expanduser(), True
-    return config_home(env) / "config.toml", False
+        return os.path.expanduser(env["SYNAPSE_CONFIG"]), True
+    return os.path.join(config_home(env), "config.toml"), False
 
 
 def load_config(explicit: Optional[str] = None,
@@ -399,7 +388,8 @@ def load_config(explicit: Optional[str] = None,
     env = os.environ if env is None else env
     path, named = find_config_path(explicit, env)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as config_file:
+            raw = config_file.read()
     except FileNotFoundError:
         if named:
             raise ConfigError(f"config file {path} does not exist") from None
@@ -439,9 +429,10 @@ def load_config(explicit: Optional[str] = None,
             raise ConfigError(f"{path}: '{key}' must be greater than 0")
     prompt_file = top.pop("system_prompt_file", None)
     if prompt_file is not None and "system_prompt" not in top:
-        prompt_path = path.parent / Path(str(prompt_file)).expanduser()
+        prompt_path = os.path.join(os.path.dirname(path), os.path.expanduser(str(prompt_file)))
         try:
-            top["system_prompt"] = prompt_path.read_text(encoding="utf-8").strip()
+            with open(prompt_path, encoding="utf-8") as prompt:
+                top["system_prompt"] = prompt.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 f"{path}: 'system_prompt_file' {prompt_path} cannot be read: "
@@ -449,7 +440,7 @@ def load_config(explicit: Optional[str] = None,
             ) from None
 
     holds_key = "api_key" in top or any("api_key" in p for p in providers.values())
-    if holds_key and os.name == "posix" and path.stat().st_mode & 0o077:
+    if holds_key and os.name == "posix" and os.stat(path).st_mode & 0o077:
         warn(f"{path} holds an API key and can be read by others; run: chmod 600 {path}")
 
     numbers = {k: float(top[k]) for k in ("temperature", "timeout") if k in top}
@@ -482,7 +473,7 @@ def provider_settings(config: Config, name: str) -> ProviderSettings:
             key_env,  # type: ignore[arg-type]
             needs_key=bool(key_env),
         )
-    return replace(builtin, **{k: v for k, v in table.items() if k != "kind"})
+    return builtin._replace(**{k: v for k, v in table.items() if k != "kind"})
 
 
 def resolve_provider(config: Config, name: Optional[str], model: Optional[str],
@@ -535,7 +526,7 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
     env = os.environ if env is None else env
     url = url or env.get("SYNAPSE_DATABASE_URL")
     if not url:
-        return str(config_home(env) / "sessions.db")
+        return os.path.join(config_home(env), "sessions.db")
     if url.startswith("sqlite:"):
         path = url[len("sqlite:"):]
         if path.startswith("//"):
@@ -580,8 +571,7 @@ class SessionStore(Protocol):
                 protect: Optional[uuid.UUID] = None) -> CleanupResult: ...
 
 
-@dataclass(frozen=True)
-class Migration:
+class Migration(NamedTuple):
     number: int
     title: str
     statements: Tuple[str, ...]
@@ -625,9 +615,10 @@ def _split_statements(lines: Iterable[str]) -> Iterator[str]:
         raise MigrationError(f"schema.sql: unterminated statement: {pending.strip()[:60]}")
 
 
-def load_migrations(path: Path = SCHEMA_PATH) -> List[Migration]:
+def load_migrations(path: str = SCHEMA_PATH) -> List[Migration]:
     try:
-        return parse_migrations(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as schema:
+            return parse_migrations(schema.read())
     except OSError as exc:
         raise MigrationError(
             f"cannot read the schema {path}: {exc.strerror or exc}; reinstall synapse"
@@ -905,9 +896,14 @@ class SqliteStore:
             " WHERE session_id = ? ORDER BY rowid", (str(_to_uuid(session_id)),))
         return [_message_from_row(r) for r in rows]
 
-    def cleanup(self, config: SessionConfig, protect: Optional[uuid.UUID] = None,
-                dry_run: bool = False) -> CleanupResult:
-        """Apply retention, then max_sessions, in one transaction.
+    def cleanup(self, config: SessionConfig,
+                protect: Optional[uuid.UUID] = None) -> CleanupResult:
+        """Apply retention, then max_sessions, in one transaction."""
+        return self._cleanup(config, protect, dry_run=False)[0]
+
+    def _cleanup(self, config: SessionConfig, protect: Optional[uuid.UUID],
+                 dry_run: bool) -> Tuple[CleanupResult, List[uuid.UUID]]:
+        """The cleanup and the IDs it deleted.
 
         ``dry_run`` does the same work and rolls it back, so its counts are
         exactly those a real run would give.
@@ -935,18 +931,21 @@ class SqliteStore:
                             " ORDER BY updated_at, created_at, rowid LIMIT ?",
                             (keep, remaining - config.max_sessions))
                 counts = dict(conn.execute("SELECT why, count(*) FROM doomed GROUP BY why"))
-                ids = tuple(uuid.UUID(r[0]) for r in conn.execute("SELECT id FROM doomed"))
+                ids = [uuid.UUID(r[0]) for r in conn.execute("SELECT id FROM doomed")]
                 # Children first, in bulk: cheaper than one cascade per session.
                 conn.execute("DELETE FROM messages WHERE session_id IN (SELECT id FROM doomed)")
                 conn.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM doomed)")
                 conn.execute("DELETE FROM doomed")
-                result = CleanupResult(len(ids), counts.get("max", 0),
-                                       counts.get("retention", 0), ids)
+                result = CleanupResult(len(ids), counts.get("max", 0), counts.get("retention", 0))
                 if dry_run:
                     raise _RollBack()
         except _RollBack:
             pass
-        return result
+        return result, ids
+
+    def preview_cleanup(self, config: SessionConfig) -> Tuple[CleanupResult, List[uuid.UUID]]:
+        """What ``cleanup`` would do now, and to which sessions; changes nothing."""
+        return self._cleanup(config, None, dry_run=True)
 
     # -- beyond the protocol: what the command line needs ---------------------
 
@@ -1025,8 +1024,7 @@ def create_storage(database_url: Optional[str] = None) -> SqliteStore:
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ServerEvent:
+class ServerEvent(NamedTuple):
     event: str
     data: str
 
@@ -1107,8 +1105,7 @@ CONNECT_TIMEOUT = 10.0
 MAX_RETRY_WAIT = 30.0
 
 
-@dataclass(frozen=True)
-class ChatRequest:
+class ChatRequest(NamedTuple):
     """What one turn sends, whatever the protocol."""
 
     system_prompt: Optional[str]
@@ -1817,7 +1814,8 @@ def command_export(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        Path(args.output).expanduser().write_text(text, encoding="utf-8")
+        with open(os.path.expanduser(args.output), "w", encoding="utf-8") as output:
+            output.write(text)
     except OSError as exc:
         raise SynapseError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     print(f"Exported session {session.id} to {args.output}")
@@ -1846,14 +1844,17 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
 
 def command_cleanup(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
-        result = store.cleanup(config.session, dry_run=args.dry_run)
+        if args.dry_run:
+            result, doomed = store.preview_cleanup(config.session)
+        else:
+            result, doomed = store.cleanup(config.session), []
     counts = (f"{result.sessions_deleted} sessions ({result.by_max_limit} over max_sessions, "
               f"{result.by_retention} past retention_days)")
     if not args.dry_run:
         print(f"Deleted {counts}")
         return 0
     print(f"Would delete {counts}; nothing was deleted (dry run)")
-    for session_id in result.session_ids:
+    for session_id in doomed:
         print(f"  {session_id}")
     return 0
 
@@ -1911,7 +1912,7 @@ def start_session(store: SqliteStore, args: argparse.Namespace, config: Config,
         return session, provider, []
     if (provider.name, provider.model) != (session.provider, session.model):
         store.switch_model(session.id, provider.name, provider.model)
-        session = replace(session, provider=provider.name, model=provider.model)
+        session = session._replace(provider=provider.name, model=provider.model)
     return session, provider, store.get_messages(session.id)
 
 

@@ -272,11 +272,11 @@ def make_session(store, *, provider="echo", model="echo", updated=None, created=
                  name=None, session_id=None) -> synapse.Session:
     session = synapse.Session.new(provider, model, name=name)
     if session_id is not None:
-        session.id = uuid.UUID(session_id)
+        session = session._replace(id=uuid.UUID(session_id))
     if created is not None:
-        session.created_at = created
+        session = session._replace(created_at=created)
     if updated is not None:
-        session.updated_at = updated
+        session = session._replace(updated_at=updated)
     store.create_session(session)
     return session
 
@@ -653,8 +653,8 @@ def test_cleanup_removes_messages_and_dry_run_removes_nothing(store):
         store.add_message(synapse.StoredMessage.new(s.id, synapse.Role.USER, "x"))
     set_updated(store.path, sessions[0].id, NOW - timedelta(days=100))
     config = synapse.SessionConfig(max_sessions=0, retention_days=90)
-    dry = store.cleanup(config, dry_run=True)
-    assert dry == synapse.CleanupResult(1, 0, 1) and dry.session_ids == (sessions[0].id,)
+    dry, doomed = store.preview_cleanup(config)
+    assert dry == synapse.CleanupResult(1, 0, 1) and doomed == [sessions[0].id]
     assert len(remaining(store)) == 2
     assert store.cleanup(config) == dry
     orphans = store._conn.execute("SELECT count(*) FROM messages WHERE session_id NOT IN"

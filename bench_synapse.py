@@ -1,0 +1,364 @@
+"""Benchmark: the performance targets of SPEC §9, measured as whole processes.
+
+    python bench_synapse.py              # full sizes (100,000 sessions x 10 messages)
+    python bench_synapse.py --quick      # small sizes, seconds; CI runs this
+    python bench_synapse.py --json FILE  # also write the table as JSON
+
+It builds its own databases (bulk SQL through the real schema and migrations)
+and its own streaming server on 127.0.0.1, runs each command several times and
+reports the median, min and max, with the peak memory of the children taken
+from ``os.wait4``.  Exit status is 0 whatever the timings: it reports, it does
+not judge CI.  Standard library only (the chat rows need ``requests``, as
+synapse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+SYNAPSE = str(HERE / "synapse.py")
+# What an installed `synapse` runs: the console script imports the module, whose
+# bytecode pip compiled at install.  (`python synapse.py` also compiles the
+# whole script on every run; the table shows that cost in a row of its own.)
+ENTRY_POINT = ["-c", "import sys, synapse; sys.exit(synapse.main())"]
+sys.path.insert(0, str(HERE))
+import synapse  # noqa: E402
+
+WORDS = ("the quick brown fox jumps over a lazy dog while python sqlite terminal chat "
+         "model reply stream session config provider error cache index query plan").split()
+NEEDLE = "zanzibar"  # in one session of every thousand
+
+
+@dataclass
+class Row:
+    measure: str
+    target: str
+    result: str
+    passed: bool
+    median: float
+    minimum: float
+    maximum: float
+    peak_mb: Optional[float] = None
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_mb: float
+    returncode: int
+    stdout: bytes
+
+
+def run_process(argv: Sequence[str], env: dict, stdin: Optional[bytes] = None) -> Run:
+    """One whole process: wall time, peak RSS from wait4, exit code."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(list(argv), env=env, stdout=out, stderr=err,
+                                   stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+        if stdin is not None:
+            process.stdin.write(stdin)
+            process.stdin.close()
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if process.returncode != 0:
+            raise SystemExit(f"bench: {' '.join(argv)} failed: {err.read().decode(errors='replace')}")
+        return Run(seconds, usage.ru_maxrss / 1024, process.returncode, out.read())
+
+
+def repeat(argv: Sequence[str], env: dict, runs: int, prepare: Optional[Callable[[], None]] = None
+           ) -> List[Run]:
+    results = []
+    run_process(argv, env) if prepare is None else None  # warm the page cache
+    for _ in range(runs):
+        if prepare is not None:
+            prepare()
+        results.append(run_process(argv, env))
+    return results
+
+
+def timing_row(measure: str, target_s: float, runs: List[Run], baseline: float = 0.0,
+               target_text: Optional[str] = None) -> Row:
+    times = [r.seconds - baseline for r in runs]
+    median = statistics.median(times)
+    return Row(measure, target_text or f"< {target_s * 1000:.0f} ms",
+               f"{median * 1000:.1f} ms", median < target_s, median, min(times), max(times),
+               max(r.peak_mb for r in runs))
+
+
+# -- data -----------------------------------------------------------------------
+
+
+def build_database(path: Path, sessions: int, messages_each: int, rng: random.Random) -> None:
+    """Bulk-load through the real schema; timestamps spread over 60 days."""
+    store = synapse.SqliteStore(str(path))
+    store.close()
+    conn = synapse.connect(str(path))
+    now = datetime.now(timezone.utc)
+    conn.execute("BEGIN")
+    for i in range(sessions):
+        sid = str(uuid.uuid4())
+        created = now - timedelta(days=60) + timedelta(seconds=i * 60 * 86400 / max(sessions, 1))
+        stamp = synapse.format_timestamp(created)
+        conn.execute("INSERT INTO sessions VALUES (?, ?, 'echo', 'echo', NULL, ?, ?)",
+                     (sid, f"session {i}" if i % 3 == 0 else None, stamp, stamp))
+        rows = []
+        for j in range(messages_each):
+            content = " ".join(rng.choices(WORDS, k=rng.randint(8, 30)))
+            if j == 3 and i % 1000 == 7:
+                content += f" {NEEDLE.upper()} appears here"
+            rows.append((str(synapse.new_message_id()), sid, "user" if j % 2 == 0 else "assistant",
+                         content, stamp))
+        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", rows)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def build_long_session(path: Path, messages: int, rng: random.Random) -> str:
+    store = synapse.SqliteStore(str(path))
+    session = synapse.Session.new("echo", "echo", name="long")
+    store.create_session(session)
+    store.close()
+    conn = synapse.connect(str(path))
+    stamp = synapse.format_timestamp(datetime.now(timezone.utc))
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", [
+        (str(synapse.new_message_id()), str(session.id), "user" if j % 2 == 0 else "assistant",
+         " ".join(rng.choices(WORDS, k=rng.randint(20, 80))), stamp) for j in range(messages)])
+    conn.execute("COMMIT")
+    conn.close()
+    return str(session.id)
+
+
+# -- a local provider that answers at once, or slowly with timestamps --------------------
+
+
+class StreamServer:
+    def __init__(self, pieces: int, gap: float):
+        self.sent: List[float] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                slow = "slow" in self.path
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                count = pieces if slow else 3
+                for i in range(count):
+                    if slow:
+                        time.sleep(gap)
+                    piece = json.dumps({"choices": [{"delta": {"content": f"p{i} "}}]})
+                    chunk = f"data: {piece}\n\n".encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                    if slow:
+                        owner.sent.append(time.monotonic())
+                done = b"data: [DONE]\n\n"
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+                self.wfile.flush()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chunk_latencies(env: dict, server: StreamServer, pieces: int) -> List[float]:
+    """Seconds from the server's write of each chunk to its arrival on our pipe."""
+    server.sent.clear()
+    process = subprocess.Popen([sys.executable, *ENTRY_POINT, "-p", "slow", "Hello"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+    arrivals, seen = [], b""
+    while True:
+        data = os.read(process.stdout.fileno(), 65536)
+        if not data:
+            break
+        now = time.monotonic()
+        seen += data
+        arrivals.extend([now] * (seen.count(b" ") - len(arrivals)))
+    process.wait()
+    if process.returncode != 0 or len(arrivals) < pieces:
+        raise SystemExit(f"bench: streaming run failed: {process.stderr.read().decode()}")
+    return [a - s for a, s in zip(arrivals, server.sent)]
+
+
+# -- the measures ---------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--runs", type=int, help="runs per measure (default 9, quick 3)")
+    args = parser.parse_args(argv)
+    sessions, long_messages, runs = (2000, 1000, 3) if args.quick else (100_000, 10_000, 9)
+    runs = args.runs or runs
+    rng = random.Random(1)
+    work = Path(tempfile.mkdtemp(prefix="synapse-bench-"))
+    rows: List[Row] = []
+    server = StreamServer(pieces=20, gap=0.05)
+    try:
+        home = work / "home"
+        (home / ".config" / "synapse").mkdir(parents=True)
+        big = work / "big.db"
+        long = work / "long.db"
+        started = time.perf_counter()
+        build_database(big, sessions, 10, rng)
+        long_id = build_long_session(long, long_messages, rng)
+        print(f"built {sessions:,} sessions x 10 messages and a {long_messages:,}-message "
+              f"session in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        config = home / "config.toml"
+        config.write_text(f"""
+provider = "local"
+[providers.local]
+base_url = "{server.url}/v1"
+model = "bench"
+[providers.slow]
+base_url = "{server.url}/slow"
+model = "bench"
+[session]
+auto_cleanup = false
+max_sessions = {sessions // 2}
+retention_days = 0
+""")
+        env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+               "SYNAPSE_CONFIG": str(config), "SYNAPSE_DATABASE_URL": str(big),
+               "PYTHONPATH": str(HERE)}
+        for name in ("SYNAPSE_DEBUG", "PYTHONDONTWRITEBYTECODE"):  # bytecode as pip leaves it
+            env.pop(name, None)
+        py = sys.executable
+        cli = [py, *ENTRY_POINT]
+
+        baseline = repeat([py, "-c", "import sqlite3, argparse, json"], env, runs * 2)
+        version = repeat([*cli, "--version"], env, runs * 2)
+        base = statistics.median(r.seconds for r in baseline)
+        ratios = [r.seconds / base for r in version]
+        ratio = statistics.median(ratios)
+        rows.append(Row("synapse --version vs python -c 'import sqlite3, argparse, json'",
+                        "<= 1.5 x", f"{ratio:.2f} x ({statistics.median(r.seconds for r in version) * 1000:.1f}"
+                        f" vs {base * 1000:.1f} ms)", ratio <= 1.5, ratio, min(ratios), max(ratios),
+                        max(r.peak_mb for r in version)))
+        script = repeat([py, SYNAPSE, "--version"], env, runs)
+        script_ratio = statistics.median(r.seconds for r in script) / base
+        rows.append(Row("  (info) python synapse.py --version, from a checkout", "-",
+                        f"{script_ratio:.2f} x", True, script_ratio, script_ratio, script_ratio))
+
+        rows.append(timing_row(f"sessions list --limit 20 ({sessions:,} sessions x 10)", 0.150,
+                               repeat([*cli, "sessions", "list", "--limit", "20"], env, runs)))
+        rows.append(timing_row(f"sessions show ({long_messages:,} messages)", 0.250,
+                               repeat([*cli, "sessions", "show", long_id], {
+                                   **env, "SYNAPSE_DATABASE_URL": str(long)}, runs)))
+
+        chat_env = {**env, "SYNAPSE_DATABASE_URL": str(work / "chat.db")}
+        requests_runs = repeat([py, "-c", "import requests"], env, runs)
+        requests_base = statistics.median(r.seconds for r in requests_runs)
+        rows.append(timing_row('synapse "Hello", local server, minus python -c "import requests"',
+                               0.120, repeat([*cli, "Hello"], chat_env, runs), requests_base))
+
+        latencies = []
+        for _ in range(max(runs // 3, 1)):
+            latencies += chunk_latencies(chat_env, server, 20)
+        latency = statistics.median(latencies)
+        rows.append(Row("streamed chunk: server write to our read", "< 5 ms",
+                        f"{latency * 1000:.2f} ms (max {max(latencies) * 1000:.2f})", latency < 0.005,
+                        latency, min(latencies), max(latencies)))
+
+        store = synapse.SqliteStore(str(work / "adds.db"))
+        session = synapse.Session.new("echo", "echo")
+        store.create_session(session)
+        adds = []
+        for i in range(1000):
+            message = synapse.StoredMessage.new(session.id, synapse.Role.USER, f"message {i}")
+            t = time.perf_counter()
+            store.add_message(message)
+            adds.append(time.perf_counter() - t)
+        store.close()
+        add_median = statistics.median(adds)
+        rows.append(Row("add_message, median of 1,000", "< 2 ms", f"{add_median * 1000:.3f} ms",
+                        add_median < 0.002, add_median, min(adds), max(adds)))
+
+        copy = work / "cleanup.db"
+
+        def fresh_copy() -> None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{copy}{suffix}").unlink(missing_ok=True)
+            shutil.copyfile(big, copy)
+
+        cleanup_runs = repeat([*cli, "sessions", "cleanup"],
+                              {**env, "SYNAPSE_DATABASE_URL": str(copy)},
+                              max(runs // 3, 1), prepare=fresh_copy)
+        expected = f"Deleted {sessions // 2} sessions".encode()
+        if not all(r.stdout.startswith(expected) for r in cleanup_runs):
+            raise SystemExit(f"bench: cleanup did not delete half: {cleanup_runs[0].stdout!r}")
+        rows.append(timing_row(f"sessions cleanup deleting {sessions // 2:,} of {sessions:,}",
+                               2.0, cleanup_runs, target_text="< 2 s"))
+
+        rare = repeat([*cli, "sessions", "search", NEEDLE], env, runs)
+        if rare[0].stdout.count(b"\n") < 2:
+            raise SystemExit("bench: the search found nothing")
+        rows.append(timing_row(f"sessions search, rare word ({sessions:,} sessions x 10)", 0.500, rare))
+        rows.append(timing_row(f"sessions search --limit 20, common word ({sessions:,} x 10)", 0.500,
+                               repeat([*cli, "sessions", "search", "python", "--limit", "20"],
+                                      env, runs)))
+        peak = max(r.peak_mb or 0 for r in rows)
+        rows.append(Row("peak memory, any command above", "< 60 MB", f"{peak:.1f} MB", peak < 60,
+                        peak, peak, peak))
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print_table(rows, quick=args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"quick": args.quick, "python": sys.version.split()[0], "rows": [asdict(r) for r in rows]},
+            indent=2) + "\n")
+    return 0
+
+
+def print_table(rows: List[Row], quick: bool) -> None:
+    headers = ("measure", "target", "result", "pass")
+    cells = [(r.measure, r.target, r.result, "pass" if r.passed else "FAIL") for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    print(("quick run (small sizes): " if quick else "") + f"Python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores")
+    print(line)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
