@@ -27,6 +27,7 @@ import argparse
 import codecs
 import contextlib
 import enum
+import itertools
 import json
 import os
 import re
@@ -969,28 +970,64 @@ class SqliteStore:
     def search_sessions(self, text: str, limit: Optional[int] = None) -> List[SearchHit]:
         """Sessions with a message containing ``text`` (any case), newest first.
 
-        One query.  An ASCII needle uses LIKE, which SQLite runs in C and which
-        ignores ASCII case; any other needle is matched with Python's
-        ``casefold`` so that "ÄRGER" finds "ärger".  ``%``, ``_`` and quotes
-        are escaped: they are plain characters here.
+        An ASCII needle uses LIKE, which SQLite runs in C and which ignores
+        ASCII case; any other needle is matched with Python's ``casefold`` so
+        that "ÄRGER" finds "ärger".  ``%``, ``_`` and quotes are escaped: they
+        are plain characters here.
+
+        With a limit, sessions are first walked newest first, stopping at the
+        limit: instant when the text is common.  When it is rare that walk would
+        visit every session one by one, so it is abandoned after a bounded
+        amount of work for one sequential scan of all messages, which is what
+        a search without a limit does from the start.
         """
         if text.isascii():
-            escaped = re.sub(r"([\\%_])", r"\\\1", text)
-            condition, needle = "m.content LIKE ? ESCAPE '\\'", f"%{escaped}%"
+            condition = "m.content LIKE :needle ESCAPE '\\'"
+            needle = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
         else:
             self._conn.create_function("casefold_contains", 2, _casefold_contains,
                                        deterministic=True)
-            condition, needle = "casefold_contains(m.content, ?)", text.casefold()
-        rows = self._read(
-            f"SELECT {_SUMMARY_COLUMNS}, hit.content FROM ("
-            "   SELECT m.session_id AS session_id, min(m.rowid) AS first_rowid"
-            f"  FROM messages m WHERE {condition} GROUP BY m.session_id"
-            " ) AS found"
-            " JOIN sessions s ON s.id = found.session_id"
-            " JOIN messages hit ON hit.rowid = found.first_rowid"
-            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT ?",
-            (needle, -1 if limit is None else limit))
+            condition, needle = "casefold_contains(m.content, :needle)", text.casefold()
+        first_hit = (f"(SELECT m.content FROM messages m WHERE m.session_id = s.id"
+                     f" AND {condition} ORDER BY m.rowid LIMIT 1)")
+        newest_first = "ORDER BY s.updated_at DESC, s.rowid DESC"
+        params = {"needle": needle, "limit": -1 if limit is None else limit}
+        rows = None
+        if limit is not None:
+            rows = self._read_bounded(
+                f"SELECT * FROM (SELECT {_SUMMARY_COLUMNS}, {first_hit} AS hit"
+                f" FROM sessions s {newest_first}) WHERE hit IS NOT NULL LIMIT :limit",
+                params, SEARCH_WALK_BUDGET)
+        if rows is None:
+            rows = self._read(
+                f"SELECT {_SUMMARY_COLUMNS}, {first_hit} FROM sessions s"
+                f" WHERE s.id IN (SELECT m.session_id FROM messages m WHERE {condition})"
+                f" {newest_first} LIMIT :limit", params)
         return [SearchHit(_summary_from_row(r[:8]), make_snippet(r[8], text)) for r in rows]
+
+    def _read_bounded(self, sql: str, params: Mapping[str, object],
+                      budget: int) -> Optional[List[tuple]]:
+        """The rows, or None when the query needs more than ``budget`` thousand steps."""
+        steps = itertools.count()
+        self._conn.set_progress_handler(lambda: next(steps) >= budget, 1000)
+        try:
+            with self._errors():
+                try:
+                    return self._conn.execute(sql, params).fetchall()
+                except sqlite3.OperationalError as exc:
+                    if "interrupt" in str(exc):
+                        return None
+                    raise
+        finally:
+            self._conn.set_progress_handler(None, 0)
+
+
+# A search word common in a long history matches thousands of sessions; a
+# terminal wants the newest few.
+SEARCH_DEFAULT_LIMIT = 50
+# About 80 ms of walking sessions newest first (some 13,000 of them) before a
+# limited search falls back to scanning every message in one pass.
+SEARCH_WALK_BUDGET = 1000
 
 
 def _casefold_contains(content: Optional[str], needle: str) -> bool:
@@ -1614,7 +1651,8 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     search = command("search", command_search,
                      "find sessions with a message containing TEXT (any case)")
     search.add_argument("text", metavar="TEXT")
-    search.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N")
+    search.add_argument("--limit", type=_positive_int, metavar="N", default=SEARCH_DEFAULT_LIMIT,
+                        help=f"show at most N (default {SEARCH_DEFAULT_LIMIT})")
     search.add_argument("--json", action="store_true", help="print a JSON array")
     cleanup = command("cleanup", command_cleanup,
                       "delete sessions past retention_days or over max_sessions now")

@@ -2074,3 +2074,81 @@ def test_openai_texts_keep_every_piece(pieces):
     parser = synapse.EventStreamParser()
     events = [e for i in range(0, len(raw), 7) for e in parser.feed(raw[i:i + 7])] + parser.close()
     assert "".join(synapse.openai_texts(provider, events)) == "".join(pieces)
+
+
+# ---------------------------------------------------------------------------
+# Queries use their indexes (SPEC §9)
+# ---------------------------------------------------------------------------
+
+
+def populated_store(tmp_path, sessions=60):
+    store = synapse.SqliteStore(str(tmp_path / "plans.db"))
+    for i in range(sessions):
+        s = make_session(store)
+        for j in range(4):
+            word = "needle" if (i % 7 == 0 and j == 2) else "hay"
+            store.add_message(synapse.StoredMessage.new(s.id, synapse.Role.USER, f"{word} {i} {j}"))
+    store._conn.execute("ANALYZE")
+    return store
+
+
+def query_plans(store, method, *args):
+    """EXPLAIN QUERY PLAN of every statement ``method`` runs."""
+    statements = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        method(*args)
+    finally:
+        store._conn.set_trace_callback(None)
+    plans = []
+    for sql in statements:
+        if sql.lstrip().upper().startswith(("SELECT", "DELETE", "INSERT")):
+            plans.append("\n".join(r[3] for r in store._conn.execute("EXPLAIN QUERY PLAN " + sql)))
+    return plans
+
+
+def no_full_scan_of_messages(plan: str) -> bool:
+    return not any(line.strip() in ("SCAN messages", "SCAN m") for line in plan.splitlines())
+
+
+def test_list_and_show_plans_use_indexes(tmp_path):
+    store = populated_store(tmp_path)
+    (plan,) = query_plans(store, store.list_sessions, 20)
+    assert "idx_sessions_updated" in plan and "TEMP B-TREE" not in plan
+    assert "idx_messages_session" in plan and no_full_scan_of_messages(plan)
+    session_id = store.list_sessions(1)[0].id
+    plans = query_plans(store, store.get_messages, session_id)
+    assert "idx_messages_session" in plans[0] and "TEMP B-TREE" not in plans[0]
+    assert "sqlite_autoindex_sessions_1" in query_plans(store, store.get_session, session_id)[0]
+    store.close()
+
+
+def test_search_plans_and_both_strategies_agree(tmp_path, monkeypatch):
+    store = populated_store(tmp_path)
+    walk = query_plans(store, store.search_sessions, "needle", 3)
+    assert len(walk) == 1 and "idx_sessions_updated" in walk[0]
+    assert "idx_messages_session" in walk[0] and no_full_scan_of_messages(walk[0])
+    expected = [h.session.id for h in store.search_sessions("NEEDLE", 3)]
+    everything = [h.session.id for h in store.search_sessions("needle")]
+    assert len(everything) == 9 and expected == everything[:3]
+    # A walk over budget falls back to one scan of the messages: same answer.
+    monkeypatch.setattr(synapse, "SEARCH_WALK_BUDGET", 0)
+    assert [h.session.id for h in store.search_sessions("needle", 3)] == expected
+    assert [h.session.id for h in store.search_sessions("needle", 20)] == everything
+    scan = query_plans(store, store.search_sessions, "needle", 20)
+    # The fallback reads the messages once, in one pass, as a list subquery
+    # (no index can answer a substring match; FTS costs cleanup five times).
+    assert len(scan) == 2 and "LIST SUBQUERY" in scan[1]
+    assert [line.strip() for line in scan[1].splitlines()].count("SCAN m") == 1
+    store.close()
+
+
+def test_cleanup_plans_use_indexes(tmp_path):
+    store = populated_store(tmp_path)
+    plans = query_plans(store, store.cleanup, synapse.SessionConfig(max_sessions=10, retention_days=30))
+    deletes = [p for p in plans if "messages" in p or "m USING" in p]
+    assert plans and all(no_full_scan_of_messages(p) for p in plans), plans
+    assert any("idx_messages_session" in p for p in deletes)
+    assert any("idx_sessions_updated" in p for p in plans)
+    assert len(store.list_sessions()) == 10
+    store.close()
