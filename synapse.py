@@ -122,6 +122,9 @@ class ProviderError(SynapseError):
 
 # ---------------------------------------------------------------------------
 # 2. Data types
+#
+# Records are NamedTuples: immutable, compared by value and cheap to define.
+# (Importing dataclasses alone costs a fifth of the --version time budget.)
 # ---------------------------------------------------------------------------
 
 
@@ -268,7 +271,7 @@ class ProviderSettings(NamedTuple):
     max_tokens_field: str = "max_tokens"
 
 
-BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = {
+BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = MappingProxyType({
     p.name: p
     for p in (
         ProviderSettings(
@@ -286,7 +289,7 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = {
         ProviderSettings("ollama", "openai", "http://localhost:11434/v1", "llama3.2"),
         ProviderSettings("echo", "echo", None, "echo"),
     )
-}
+})
 
 
 class Config(NamedTuple):
@@ -326,7 +329,7 @@ def warn(message: str) -> None:
 
 # The keys a config file may hold, with the types they must have.
 _NUMBER = (int, float)
-TOP_LEVEL_KEYS: Mapping[str, tuple] = {
+TOP_LEVEL_KEYS: Mapping[str, tuple] = MappingProxyType({
     "provider": (str,),
     "model": (str,),
     "api_key": (str,),
@@ -338,22 +341,22 @@ TOP_LEVEL_KEYS: Mapping[str, tuple] = {
     "system_prompt_file": (str,),
     "providers": (dict,),
     "session": (dict,),
-}
-PROVIDER_KEYS: Mapping[str, tuple] = {
+})
+PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "kind": (str,),
     "base_url": (str,),
     "api_key": (str,),
     "api_key_env": (str,),
     "model": (str,),
-}
-SESSION_KEYS: Mapping[str, tuple] = {
+})
+SESSION_KEYS: Mapping[str, tuple] = MappingProxyType({
     "database_url": (str,),
     "max_sessions": (int,),
     "retention_days": (int,),
     "auto_cleanup": (bool,),
-}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-               dict: "a table"}
+})
+_TYPE_NAMES = MappingProxyType({str: "a string", int: "an integer", float: "a number",
+                               bool: "true or false", dict: "a table"})
 
 
 def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
@@ -1476,11 +1479,11 @@ def stream_echo(provider: Provider, request: ChatRequest) -> Iterator[str]:
     yield from re.findall(r"\s*\S+\s*|\s+", text)
 
 
-CLIENTS: Mapping[str, Callable[[Provider, ChatRequest], Iterator[str]]] = {
+CLIENTS: Mapping[str, Callable[[Provider, ChatRequest], Iterator[str]]] = MappingProxyType({
     "openai": stream_openai_chat,
     "anthropic": stream_anthropic_chat,
     "echo": stream_echo,
-}
+})
 
 
 # ---------------------------------------------------------------------------

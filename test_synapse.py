@@ -217,6 +217,12 @@ class User:
             env={**self.env, **(env or {})}, timeout=timeout, cwd=self.root,
             stdin=None if input is not None else subprocess.DEVNULL)
 
+    def ok(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess:
+        """Run a command that must succeed (setting the scene for a test)."""
+        result = self.run(*args, **kwargs)
+        assert result.returncode == 0, err(result)
+        return result
+
     def popen(self, *args: str, **kwargs: object) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, SYNAPSE, *args], env=self.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -885,7 +891,7 @@ def test_sessions_list_cuts_cells_by_characters(user):
 
 
 def test_sessions_show_plain_and_json(user):
-    user.run("-p", "echo", "--system", "Be terse.", "--name", "demo", "hello there")
+    user.ok("-p", "echo", "--system", "Be terse.", "--name", "demo", "hello there")
     (sid,) = user.session_ids()
     result = user.run("sessions", "show", sid)
     assert result.returncode == 0
@@ -904,7 +910,7 @@ def test_sessions_show_plain_and_json(user):
 
 def test_sessions_delete_several_with_one_unknown(user):
     for i in range(3):
-        user.run("-p", "echo", f"chat {i}")
+        user.ok("-p", "echo", f"chat {i}")
     a, b, c = user.session_ids()
     unknown = str(uuid.uuid4())
     result = user.run("sessions", "delete", a, unknown, c[:6].upper())
@@ -946,7 +952,7 @@ def test_malformed_session_ids_are_usage_errors(user, bad):
 
 
 def test_unknown_session_is_a_runtime_error(user):
-    user.run("-p", "echo", "hi")
+    user.ok("-p", "echo", "hi")
     result = user.run("sessions", "show", str(uuid.uuid4()))
     assert_one_error_line(result, 1, "not found")
     assert_one_error_line(user.run("-s", "ffff", "-p", "echo", "hi"), 1, "not found")
@@ -1133,7 +1139,7 @@ model = "c"
 
 def test_system_prompt_flag_overrides_config(user, server):
     user.use_server(server, extra='system_prompt = "from config"\n')
-    user.run("--system", "from flag", "hi")
+    user.ok("--system", "from flag", "hi")
     assert server.received[-1].body["messages"][0] == {"role": "system", "content": "from flag"}
     assert user.rows("SELECT system_prompt FROM sessions") == [("from flag",)]
 
@@ -1578,7 +1584,7 @@ def test_api_key_never_in_any_output(user, server):
 
 
 def test_sessions_rename(user):
-    user.run("-p", "echo", "hi")
+    user.ok("-p", "echo", "hi")
     (sid,) = user.session_ids()
     result = user.run("sessions", "rename", sid[:5], "Trip plans \u2708")
     assert result.returncode == 0 and sid in text(result)
@@ -1587,7 +1593,7 @@ def test_sessions_rename(user):
 
 
 def test_sessions_export_markdown_json_and_file(user, tmp_path):
-    user.run("-p", "echo", "--system", "You are a pirate.", "--name", "Pirate talk", "Ahoy")
+    user.ok("-p", "echo", "--system", "You are a pirate.", "--name", "Pirate talk", "Ahoy")
     (sid,) = user.session_ids()
     markdown = text(user.run("sessions", "export", sid))
     assert markdown.startswith("# Pirate talk\n")
@@ -1604,10 +1610,10 @@ def test_sessions_export_markdown_json_and_file(user, tmp_path):
 
 
 def test_sessions_search(user):
-    user.run("-p", "echo", "The Quick Brown Fox")
-    user.run("-p", "echo", "nothing to see")
-    user.run("-p", "echo", "100% sure_thing it's \"quoted\"")
-    user.run("-p", "echo", "\u00c4rger mit \u00dcmlauten")
+    user.ok("-p", "echo", "The Quick Brown Fox")
+    user.ok("-p", "echo", "nothing to see")
+    user.ok("-p", "echo", "100% sure_thing it's \"quoted\"")
+    user.ok("-p", "echo", "\u00c4rger mit \u00dcmlauten")
     fox, nothing, percent, umlaut = user.session_ids()
     result = user.run("sessions", "search", "qUICK bROWN")
     assert result.returncode == 0
@@ -1626,7 +1632,7 @@ def test_sessions_search(user):
 
 def test_sessions_search_order_limit_and_snippet(user):
     for i in range(3):
-        user.run("-p", "echo", f"needle number {i} " + "padding " * 30)
+        user.ok("-p", "echo", f"needle number {i} " + "padding " * 30)
     ids = user.session_ids()
     data = json.loads(text(user.run("sessions", "search", "NEEDLE", "--json", "--limit", "2")))
     assert [d["id"] for d in data] == [ids[2], ids[1]]
@@ -1637,7 +1643,7 @@ def test_sessions_search_order_limit_and_snippet(user):
 def test_sessions_cleanup_and_dry_run(user):
     user.write_config("[session]\nmax_sessions = 2\nretention_days = 30\nauto_cleanup = false\n")
     for i in range(5):
-        user.run("-p", "echo", f"chat {i}")
+        user.ok("-p", "echo", f"chat {i}")
     ids = user.session_ids()
     set_updated(user.db_path, ids[0], NOW - timedelta(days=40))
     dry = user.run("sessions", "cleanup", "--dry-run")
@@ -1654,7 +1660,7 @@ def test_sessions_cleanup_and_dry_run(user):
 
 def test_auto_cleanup_runs_on_chat_and_protects_the_continued_session(user):
     for i in range(3):
-        user.run("-p", "echo", f"chat {i}")
+        user.ok("-p", "echo", f"chat {i}")
     ids = user.session_ids()
     set_updated(user.db_path, ids[0], NOW - timedelta(days=400))
     user.write_config("[session]\nmax_sessions = 1\nretention_days = 90\n")
@@ -1662,7 +1668,7 @@ def test_auto_cleanup_runs_on_chat_and_protects_the_continued_session(user):
     assert result.returncode == 0
     assert user.session_ids() == [ids[0]]
     user.write_config("[session]\nmax_sessions = 1\nauto_cleanup = false\n")
-    user.run("-p", "echo", "new one")
+    user.ok("-p", "echo", "new one")
     assert len(user.session_ids()) == 2
 
 
@@ -1701,7 +1707,7 @@ def test_repl_commands_new_session_and_exit(user):
 
 def test_repl_resumes_with_history(user, server):
     user.use_server(server)
-    user.run("-p", "echo", "earlier question")
+    user.ok("-p", "echo", "earlier question")
     (sid,) = user.session_ids()
     server.queue(Reply(chunks=[openai_stream("later answer")]))
     result = user.run("-r", "-s", sid[:4], "-p", "deepseek", input=b"later question\n/quit\n")
@@ -1838,7 +1844,7 @@ def test_eight_processes_chatting_into_one_new_database(user, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_appending_to_one_session(user, tmp_path):
-    user.run("-p", "echo", "start")
+    user.ok("-p", "echo", "start")
     (sid,) = user.session_ids()
     run_workers(user, tmp_path, 2, 10, "-s", sid)
     assert user.session_ids() == [sid]
@@ -1882,7 +1888,7 @@ INSERT INTO filler WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM 
 
 @pytest.mark.slow
 def test_sigkill_during_a_migration_leaves_a_whole_version(user, tmp_path):
-    user.run("-p", "echo", "before the upgrade")
+    user.ok("-p", "echo", "before the upgrade")
     version = len(synapse.load_migrations())
     newer = tmp_path / "newer"
     newer.mkdir()
@@ -1925,7 +1931,7 @@ def read_only(path: Path):
 
 
 def test_read_only_database(user):
-    user.run("-p", "echo", "kept")
+    user.ok("-p", "echo", "kept")
     with read_only(user.db_path):
         result = user.run("-p", "echo", "new")
         assert_one_error_line(result, 1, "read-only")
@@ -1950,7 +1956,7 @@ def test_corrupt_and_foreign_database_files(user):
 
 
 def test_newer_database_in_a_subprocess(user):
-    user.run("-p", "echo", "hi")
+    user.ok("-p", "echo", "hi")
     conn = sqlite3.connect(user.db_path)
     conn.execute("PRAGMA user_version = 99")
     conn.commit()
