@@ -685,12 +685,14 @@ def _prepare_database_file(path: str) -> None:
         os.close(fd)
 
 
-def connect(path: str) -> sqlite3.Connection:
+def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connection:
     """Open ``path`` with the pragmas every synapse connection uses.
 
     Transactions are explicit (``isolation_level=None``): writers take
     ``BEGIN IMMEDIATE`` so that concurrent processes queue on the busy
-    timeout instead of failing to upgrade a read lock.
+    timeout instead of failing to upgrade a read lock.  A database whose
+    schema is newer than ``newest_version`` is refused before anything (even
+    the switch to WAL) writes to it.
     """
     _prepare_database_file(path)
     try:
@@ -704,11 +706,10 @@ def connect(path: str) -> sqlite3.Connection:
         # Read the version before anything can write to the file: a database
         # from a newer synapse is refused untouched.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        latest = len(load_migrations())
-        if version > latest:
+        if newest_version is not None and version > newest_version:
             raise MigrationError(
                 f"database {path} has schema version {version}, newer than this "
-                f"synapse knows ({latest}); upgrade synapse"
+                f"synapse knows ({newest_version}); upgrade synapse"
             )
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -801,10 +802,11 @@ class SqliteStore:
 
     def __init__(self, path: str):
         self.path = path
-        self._conn = connect(path)
+        migrations = load_migrations()
+        self._conn = connect(path, newest_version=migrations[-1].number)
         try:
             with self._errors():
-                apply_migrations(self._conn, load_migrations())
+                apply_migrations(self._conn, migrations)
         except BaseException:
             self._conn.close()
             raise
@@ -1618,8 +1620,8 @@ def build_chat_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="PATH",
+def _add_config_option(parser: argparse.ArgumentParser, default: object = None) -> None:
+    parser.add_argument("-c", "--config", metavar="PATH", default=default,
                         help="config file (default: $SYNAPSE_CONFIG, then "
                              "$XDG_CONFIG_HOME/synapse/config.toml)")
 
@@ -1632,7 +1634,8 @@ def build_sessions_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_config_option(sub)
+        # SUPPRESS: a -c given before the subcommand must not be reset to None.
+        _add_config_option(sub, default=argparse.SUPPRESS)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -1674,14 +1677,14 @@ def _positive_int(text: str) -> int:
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    """``sessions ...`` (after any ``-c PATH``) goes to its own parser."""
-    rest = list(argv)
-    while rest[:1] in (["-c"], ["--config"]) and len(rest) > 1 or rest[:1] and rest[0].startswith("--config="):
-        rest = rest[1:] if rest[0].startswith("--config=") else rest[2:]
-    if rest[:1] == ["sessions"]:
-        position = len(argv) - len(rest)
-        args = build_sessions_parser().parse_args([*argv[position + 1:], *argv[:position]])
-        return args
+    """``synapse [-c PATH] sessions ...`` goes to its own parser; the rest is chat."""
+    position = 0
+    while position < len(argv) and (argv[position] in ("-c", "--config")
+                                    or argv[position].startswith("--config=")):
+        position += 1 if "=" in argv[position] else 2
+    if argv[position:position + 1] == ["sessions"]:
+        # A leading -c PATH moves behind the subcommand, which accepts it too.
+        return build_sessions_parser().parse_args([*argv[position + 1:], *argv[:position]])
     parser = build_chat_parser()
     args = parser.parse_args(argv)
     args.handler = command_chat
@@ -1946,15 +1949,21 @@ def start_session(store: SqliteStore, args: argparse.Namespace, config: Config,
     if config.session.auto_cleanup:
         store.cleanup(config.session, protect=session.id if session else None)
     if session is None:
-        session = Session.new(provider.name, provider.model,
-                              clean_text(args.system) if args.system else config.system_prompt,
-                              clean_text(args.name) if args.name else None)
-        store.create_session(session)
-        return session, provider, []
+        return create_session(store, args, config, provider), provider, []
     if (provider.name, provider.model) != (session.provider, session.model):
         store.switch_model(session.id, provider.name, provider.model)
         session = session._replace(provider=provider.name, model=provider.model)
     return session, provider, store.get_messages(session.id)
+
+
+def create_session(store: SqliteStore, args: argparse.Namespace, config: Config,
+                   provider: Provider) -> Session:
+    """A new session with the provider, model, system prompt and name in force."""
+    system_prompt = clean_text(args.system) if args.system else config.system_prompt
+    session = Session.new(provider.name, provider.model, system_prompt,
+                          clean_text(args.name) if args.name else None)
+    store.create_session(session)
+    return session
 
 
 # -- interactive mode --------------------------------------------------------------
@@ -1997,21 +2006,48 @@ def _save_history(path: Optional[str]) -> None:
         os.chmod(path, 0o600)
 
 
-def run_repl(args: argparse.Namespace, config: Config) -> int:
-    stdin = sys.stdin
-    if stdin is None:
-        raise UsageError("interactive mode needs standard input")
-    interactive = stdin.isatty()
+def _read_line(interactive: bool) -> Optional[str]:
+    """The next input line, or None at the end of input (Ctrl-D)."""
     if not interactive:
-        stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
+        line = sys.stdin.readline()
+        return line if line else None
+    try:
+        return input("> ")
+    except EOFError:
+        print(file=sys.stderr)  # end the prompt's line before the shell's
+        return None
+
+
+def _repl_command(command: str, session: Optional[Session]) -> bool:
+    """Run a /command; True when it starts a new session."""
+    if command == "/help":
+        print(REPL_HELP)
+    elif command == "/session":
+        print(session.id if session else "no session yet: it starts with your first message")
+    elif command == "/new":
+        if session is not None:
+            print(f"session: {session.id}", file=sys.stderr)
+        print("Started a new session.", file=sys.stderr)
+        return True
+    else:
+        print(f"synapse: error: unknown command {command}; /help lists them", file=sys.stderr)
+    return False
+
+
+def run_repl(args: argparse.Namespace, config: Config) -> int:
+    """Interactive mode: one stored session, a turn per line."""
+    if sys.stdin is None:
+        raise UsageError("interactive mode needs standard input")
     if args.message:
         raise UsageError("interactive mode takes no MESSAGE; type it at the prompt")
+    interactive = sys.stdin.isatty()
+    if not interactive:
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
     continuing = bool(args.session or args.continue_latest)
     provider = None if continuing and not args.provider else resolve_provider(
         config, args.provider, args.model)
     session: Optional[Session] = None
     history: List[StoredMessage] = []
-    exit_code = 0
     with open_store(config) as store:
         if continuing:
             session, provider, history = start_session(store, args, config, provider)
@@ -2020,64 +2056,39 @@ def run_repl(args: argparse.Namespace, config: Config) -> int:
         assert provider is not None
         history_file = _open_history(store.path) if interactive else None
         if interactive:
-            print(f"synapse {__version__} - {provider.name}/{provider.model}. "
+            print(f"synapse {__version__}: {provider.name}/{provider.model}. "
                   f"/help for commands, Ctrl-D to leave.", file=sys.stderr)
         try:
             while True:
-                try:
-                    line = input("> ") if interactive else stdin.readline()
-                except EOFError:
-                    line = ""
-                except KeyboardInterrupt:
-                    print(file=sys.stderr)
-                    exit_code = 130
+                line = _read_line(interactive)
+                if line is None:
                     break
-                if not interactive and not line:
-                    break  # end of piped input
                 text = clean_text(line).strip()
-                if not text and interactive:
-                    if line == "":
-                        print(file=sys.stderr)  # Ctrl-D: end the prompt line
-                        break
-                    continue
                 if not text:
                     continue
                 if text in ("/exit", "/quit"):
                     break
-                if text == "/help":
-                    print(REPL_HELP)
-                    continue
-                if text == "/session":
-                    print(session.id if session else "no session yet: it starts with your first message")
-                    continue
-                if text == "/new":
-                    if session is not None:
-                        print(f"session: {session.id}", file=sys.stderr)
-                    session, history = None, []
-                    print("Started a new session.", file=sys.stderr)
-                    continue
                 if text.startswith("/") and " " not in text:
-                    print(f"synapse: error: unknown command {text}; /help lists them", file=sys.stderr)
+                    if _repl_command(text, session):
+                        session, history = None, []
                     continue
                 if session is None:
-                    session = Session.new(provider.name, provider.model,
-                                          clean_text(args.system) if args.system else config.system_prompt,
-                                          clean_text(args.name) if args.name else None)
-                    store.create_session(session)
+                    session = create_session(store, args, config, provider)
                 try:
                     run_turn(store, session, history, text, provider, config, sys.stdout,
                              stream=not args.no_stream)
                 except KeyboardInterrupt:
                     print("(reply stopped; what arrived was kept)", file=sys.stderr)
-                except ProviderError as exc:
-                    print(f"synapse: error: {redact(str(exc), known_secrets(config, os.environ))}",
-                          file=sys.stderr)
-                    exit_code = 1
+                except ProviderError as exc:  # the next turn may go through
+                    report_error(str(exc), known_secrets(config, os.environ))
+        except KeyboardInterrupt:  # at the prompt: leave
+            print(file=sys.stderr)
+            return 130
         finally:
             _save_history(history_file)
             if session is not None:
                 print(f"session: {session.id}", file=sys.stderr)
-    return exit_code if exit_code == 130 else 0
+    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -986,6 +986,7 @@ def test_config_option_and_env_in_a_subprocess(user, tmp_path):
     assert len(json.loads(text(listing))) == 1
     assert len(json.loads(text(user.run("-c", str(alt), "sessions", "list", "--json")))) == 1
     assert len(json.loads(text(user.run("sessions", "list", "-c", str(alt), "--json")))) == 1
+    assert len(json.loads(text(user.run("sessions", "-c", str(alt), "list", "--json")))) == 1
     assert_one_error_line(user.run("-c", str(tmp_path / "nope.toml"), "sessions", "list"), 2,
                           "does not exist")
     env_db = tmp_path / "env.db"
