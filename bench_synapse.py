@@ -348,8 +348,9 @@ retention_days = 0
 
 
 def print_table(rows: List[Row], quick: bool) -> None:
-    headers = ("measure", "target", "result", "pass")
-    cells = [(r.measure, r.target, r.result, "pass" if r.passed else "FAIL") for r in rows]
+    headers = ("measure", "target", "result", "pass", "peak RSS")
+    cells = [(r.measure, r.target, r.result, "pass" if r.passed else "FAIL",
+              f"{r.peak_mb:.1f} MB" if r.peak_mb else "") for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
     print(("quick run (small sizes): " if quick else "") + f"Python {sys.version.split()[0]}, "
