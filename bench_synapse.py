@@ -66,23 +66,32 @@ class Run:
     stdout: bytes
 
 
-def run_process(argv: Sequence[str], env: dict, stdin: Optional[bytes] = None) -> Run:
-    """One whole process: wall time, peak RSS from wait4, exit code."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(list(argv), env=env, stdout=out, stderr=err,
-                                   stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
-        if stdin is not None:
-            process.stdin.write(stdin)
-            process.stdin.close()
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            raise SystemExit(f"bench: {' '.join(argv)} failed: {err.read().decode(errors='replace')}")
-        return Run(seconds, usage.ru_maxrss / 1024, process.returncode, out.read())
+# Each measured command is started by this small launcher, which times it and
+# reads its peak memory from wait4.  Linux carries the RSS high-water mark of
+# the process that starts a child into the child's ru_maxrss, so starting
+# children from this (large) benchmark process would report the benchmark's
+# own memory; the launcher, a bare `python -S`, is smaller than any command.
+LAUNCHER = """
+import os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - started
+sys.stderr.write("\\n@bench %r %d %d\\n" % (seconds, usage.ru_maxrss, os.waitstatus_to_exitcode(status)))
+"""
+
+
+def run_process(argv: Sequence[str], env: dict) -> Run:
+    """One whole process: wall time, peak RSS, exit code (via the launcher)."""
+    result = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *argv], env=env,
+                            capture_output=True, stdin=subprocess.DEVNULL)
+    stderr, _, report = result.stderr.decode(errors="replace").rpartition("@bench ")
+    seconds, peak_kb, returncode = report.split()
+    if int(returncode) != 0:
+        raise SystemExit(f"bench: {' '.join(argv)} failed: {stderr.strip()}")
+    return Run(float(seconds), int(peak_kb) / 1024, int(returncode), result.stdout)
 
 
 def repeat(argv: Sequence[str], env: dict, runs: int, prepare: Optional[Callable[[], None]] = None

@@ -1288,6 +1288,7 @@ def post_json(provider: Provider, url: str, headers: Mapping[str, str],
 def iter_response_bytes(response, provider: Provider) -> Iterator[bytes]:
     """The body as the network delivers it, one read at a time."""
     import requests
+    import urllib3  # already loaded by requests
 
     raw = response.raw
     try:
@@ -1299,18 +1300,14 @@ def iter_response_bytes(response, provider: Provider) -> Iterator[bytes]:
                 yield chunk
         else:  # pragma: no cover - urllib3 1.x
             yield from response.iter_content(chunk_size=1)
-    except (requests.exceptions.RequestException, OSError, _urllib3_errors()) as exc:
-        raise ProviderError(
-            f"the connection to {provider.name} broke mid-reply ({_network_reason(exc)}); "
-            f"the partial reply was kept") from None
+    except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout, TimeoutError) as exc:
+        raise ProviderError(f"{provider.name} sent nothing more for longer than 'timeout' "
+                            f"seconds; try again, or raise 'timeout' in the config") from None
+    except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+        raise ProviderError(f"the connection to {provider.name} broke mid-reply "
+                            f"({_network_reason(exc)}); try again") from None
     finally:
         response.close()
-
-
-def _urllib3_errors() -> type:
-    import urllib3
-
-    return urllib3.exceptions.HTTPError
 
 
 def iter_events(response, provider: Provider) -> Iterator[ServerEvent]:
@@ -1365,8 +1362,7 @@ def _json_body(response, provider: Provider) -> dict:
 
 
 def _missing_end(provider: Provider, marker: str) -> ProviderError:
-    return ProviderError(f"{provider.name} ended the reply before {marker}; "
-                         f"the partial reply was kept")
+    return ProviderError(f"{provider.name} ended the reply before {marker}")
 
 
 def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
@@ -1552,13 +1548,15 @@ def run_turn(store: SqliteStore, session: Session, history: List[StoredMessage],
             pieces.append(piece)
             out.write(piece)
             out.flush()
-    except BaseException:
+    except BaseException as exc:
         try:
             if pieces:
                 out.write("\n")
                 out.flush()
         finally:
             keep_reply()
+        if pieces and isinstance(exc, ProviderError):
+            raise ProviderError(f"{exc}; the partial reply was kept") from None
         raise
     out.write("\n")
     out.flush()

@@ -1413,7 +1413,8 @@ def test_connection_dropped_mid_reply_keeps_the_partial_reply(user, server):
     partial = openai_stream("Part one", " and two", done=False)
     server.queue(Reply(chunks=[partial], drop=True))
     result = user.run("hi")
-    assert_one_error_line(result, 1, "deepseek")
+    assert_one_error_line(result, 1, "connection to deepseek broke mid-reply",
+                          "partial reply was kept")
     assert text(result) == "Part one and two\n"
     assert user.messages() == [("user", "hi"), ("assistant", "Part one and two")]
     assert len(server.received) == 1  # text was printed: no retry
@@ -1509,7 +1510,8 @@ def test_read_timeout_between_bytes(user, server):
     user.use_server(server, extra="timeout = 1\n")
     server.queue(Reply(chunks=[openai_stream("slow", done=False), b"data: [DONE]\n\n"], delay=3))
     result = user.run("hi")
-    assert_one_error_line(result, 1, "deepseek")
+    assert_one_error_line(result, 1, "deepseek", "timeout")
+    assert "partial reply" not in err(result)
     assert user.messages() == [("user", "hi")]
 
 
