@@ -1768,7 +1768,7 @@ def command_list(args: argparse.Namespace, config: Config) -> int:
     if not summaries:
         print("No sessions found.")
         return 0
-    import shutil
+    import shutil  # deferred: only the table needs it
 
     columns = shutil.get_terminal_size((120, 24)).columns
     widths = {"ID": 36, "NAME": 20, "PROVIDER": 10, "MODEL": 20, "CREATED": 16, "MESSAGES": 8}
