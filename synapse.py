@@ -1595,8 +1595,16 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 Ctrl-C.
 """
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose errors end in synapse's own line, ``synapse: error: ...``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"synapse: error: {message}\n")
+
+
 def build_chat_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="synapse", description="Chat with large language models from the terminal; "
         "every conversation is kept in a local SQLite database.",
         epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1626,7 +1634,7 @@ def _add_config_option(parser: argparse.ArgumentParser, default: object = None) 
 
 
 def build_sessions_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synapse sessions",
+    parser = CommandLineParser(prog="synapse sessions",
                                      description="List, read, search and tidy stored sessions.")
     _add_config_option(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -852,6 +852,16 @@ def test_sessions_commands_without_requests_installed(user, tmp_path):
         assert user.run(*args, env=env).returncode == 0, args
 
 
+@pytest.mark.parametrize("args", [["--bogus"], ["-s"], ["sessions"], ["sessions", "show"],
+                                  ["sessions", "list", "--limit", "0"], ["sessions", "nope"],
+                                  ["-s", "abcd", "-C", "hi"]])
+def test_bad_flags_are_usage_errors(user, args):
+    result = user.run(*args)
+    assert result.returncode == 2 and "Traceback" not in err(result)
+    assert err(result).splitlines()[-1].startswith("synapse: error: ")
+    assert not user.db_path.exists()
+
+
 def test_sessions_list_empty_and_json(user):
     result = user.run("sessions", "list")
     assert result.returncode == 0 and text(result) == "No sessions found.\n"
