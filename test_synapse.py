@@ -2171,3 +2171,11 @@ def test_cleanup_plans_use_indexes(tmp_path):
     assert any("idx_sessions_updated" in p for p in plans)
     assert len(store.list_sessions()) == 10
     store.close()
+
+
+def test_system_and_name_are_for_new_sessions_only(user):
+    user.ok("-p", "echo", "--system", "original", "--name", "first", "hi")
+    (sid,) = user.session_ids()
+    result = user.run("-s", sid, "--system", "replacement", "--name", "second", "again")
+    assert result.returncode == 0 and "apply to new sessions" in err(result)
+    assert user.rows("SELECT name, system_prompt FROM sessions") == [("first", "original")]
