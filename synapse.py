@@ -696,8 +696,7 @@ def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connecti
     """
     _prepare_database_file(path)
     try:
-        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
     except sqlite3.Error as exc:
         raise DatabaseError(describe_sqlite_error(exc, path)) from None
     try:
@@ -2104,6 +2103,7 @@ def run_repl(args: argparse.Namespace, config: Config) -> int:
 
 
 def report_error(message: str, secrets: Sequence[str]) -> None:
+    """The one error line (and, with SYNAPSE_DEBUG, the traceback), keys redacted."""
     if os.environ.get("SYNAPSE_DEBUG"):
         import traceback
 
@@ -2112,6 +2112,7 @@ def report_error(message: str, secrets: Sequence[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one synapse command; returns its exit code (SPEC §2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config: Optional[Config] = None
     try:
