@@ -1487,13 +1487,13 @@ def test_event_stream_parser_rules():
     stream = (b"event: a\ndata:no space\ndata:  two spaces\n\n"
               b": comment\r\nid: 5\rdata: cr line\r\r"
               b"data: x\r\ndata: y\r\n\r\n"
-              b"data: \xe2\x80\xa8 inside\n\n"
+              b"data: \xe2\x80\xa8 inside \xe2\x80\xa9 and \xc2\x85 too\n\n"
               b"data: last without blank line")
     events = parser.feed(stream) + parser.close()
     assert events == [synapse.ServerEvent("a", "no space\n two spaces"),
                       synapse.ServerEvent("message", "cr line"),
                       synapse.ServerEvent("message", "x\ny"),
-                      synapse.ServerEvent("message", "\u2028 inside"),
+                      synapse.ServerEvent("message", "\u2028 inside \u2029 and \x85 too"),
                       synapse.ServerEvent("message", "last without blank line")]
 
 
@@ -1514,6 +1514,13 @@ def test_multibyte_character_split_across_two_writes_without_charset(user, serve
     result = user.run("hi")
     assert text(result) == "caf\u00e9 \U0001F600\n"
     assert user.messages()[-1] == ("assistant", "caf\u00e9 \U0001F600")
+
+
+def test_utf8_whatever_the_declared_charset(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("\u00fcber \u2029 \u20ac")],
+                       content_type="text/event-stream; charset=iso-8859-1"))
+    assert text(user.run("hi")) == "\u00fcber \u2029 \u20ac\n"
 
 
 def test_read_timeout_between_bytes(user, server):
@@ -1775,7 +1782,8 @@ def test_repl_in_a_real_terminal(user, server, tmp_path):
     server.queue(Reply(chunks=[openai_stream("Streamed", " reply")]), slow_stream(pieces=200, delay=0.1))
     tmux = Tmux(tmp_path / "tmux.sock", {**user.env, "TERM": "xterm"})
     log = tmp_path / "stderr.log"
-    command = f"{sys.executable} {SYNAPSE} -r 2>{log}; echo EXITED $?; sleep 30"
+    command = (f"{sys.executable} {SYNAPSE} -r 2>{log}; echo EXITED $?; "
+               f"{sys.executable} {SYNAPSE} -r -p echo; echo AGAIN $?; sleep 30")
     tmux("new-session", "-d", "-s", "t", "-x", "120", "-y", "40", command)
     try:
         tmux.wait_for(lambda s: s.rstrip().endswith(">"))
@@ -1799,6 +1807,10 @@ def test_repl_in_a_real_terminal(user, server, tmp_path):
         history = user.config_dir / "history"
         assert history.exists() and stat.S_IMODE(history.stat().st_mode) == 0o600
         assert "Hello there" in history.read_text()
+        # Ctrl-C at the prompt leaves, with the Ctrl-C exit code.
+        tmux.wait_for(lambda s: s.rstrip().endswith(">") and "EXITED 0" in s)
+        tmux("send-keys", "-t", "t", "C-c")
+        assert "AGAIN 130" in tmux.wait_for(lambda s: "AGAIN" in s)
     finally:
         tmux("kill-server")
 
