@@ -1220,13 +1220,7 @@ def describe_http_error(provider: str, status: int, reason: str, body: bytes,
 
 def _is_permanent(status: int, body: bytes) -> bool:
     """A 429 for an empty account will not pass by waiting."""
-    if status != 429:
-        return False
-    try:
-        error = json.loads(body.decode("utf-8", "replace")).get("error", {})
-    except (ValueError, AttributeError):
-        return False
-    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
+    return status == 429 and _error_details(body)[0] == "insufficient_quota"
 
 
 def _network_reason(exc: BaseException) -> str:
@@ -1236,18 +1230,20 @@ def _network_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def post_json(provider: Provider, url: str, headers: Mapping[str, str],
+def post_json(provider: Provider, path: str, headers: Mapping[str, str],
               payload: Mapping[str, object], timeout: float,
               sleep: Callable[[float], None] = time.sleep):
-    """POST ``payload``; the 2xx response, streaming, or ProviderError.
+    """POST ``payload`` to ``base_url + path``; the 2xx response, or ProviderError.
 
     Retries connection errors and 429/5xx/529 up to MAX_RETRIES times.  It
     runs before any reply text exists, so a retry can never repeat output.
     """
     import requests  # deferred: costs ~70 ms, and only chat needs it
 
+    url = f"{(provider.base_url or '').rstrip('/')}{path}"
     body = json.dumps(payload).encode("utf-8")
-    headers = {"Content-Type": "application/json", **headers}
+    accept = "text/event-stream" if payload.get("stream") else "application/json"
+    headers = {"Content-Type": "application/json", "Accept": accept, **headers}
     for attempt in range(MAX_RETRIES + 1):
         try:
             response = requests.post(url, data=body, headers=headers, stream=True,
@@ -1373,11 +1369,8 @@ def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str
                                   provider.max_tokens_field: request.max_tokens}
     if request.temperature is not None:
         payload["temperature"] = request.temperature
-    headers = {"Accept": "text/event-stream" if request.stream else "application/json"}
-    if provider.api_key:
-        headers["Authorization"] = f"Bearer {provider.api_key}"
-    url = f"{(provider.base_url or '').rstrip('/')}/chat/completions"
-    response = post_json(provider, url, headers, payload, request.timeout)
+    headers = {"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {}
+    response = post_json(provider, "/chat/completions", headers, payload, request.timeout)
 
     if _response_kind(response, provider) == "json":
         choices = _json_body(response, provider).get("choices") or [{}]
@@ -1432,12 +1425,10 @@ def stream_anthropic_chat(provider: Provider, request: ChatRequest) -> Iterator[
         payload["system"] = request.system_prompt
     if request.temperature is not None:
         payload["temperature"] = request.temperature
-    headers = {"anthropic-version": "2023-06-01",
-               "Accept": "text/event-stream" if request.stream else "application/json"}
+    headers = {"anthropic-version": "2023-06-01"}
     if provider.api_key:
         headers["x-api-key"] = provider.api_key
-    url = f"{(provider.base_url or '').rstrip('/')}/v1/messages"
-    response = post_json(provider, url, headers, payload, request.timeout)
+    response = post_json(provider, "/v1/messages", headers, payload, request.timeout)
 
     if _response_kind(response, provider) == "json":
         for block in _json_body(response, provider).get("content") or []:

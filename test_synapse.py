@@ -1100,6 +1100,15 @@ def test_anthropic_request_shape_and_stream(user, server):
                             "messages": [{"role": "user", "content": "Salut"}]}
 
 
+def test_anthropic_sends_temperature_and_max_tokens_when_configured(user, server):
+    user.use_server(server, provider="anthropic", extra="temperature = 0.2\nmax_tokens = 50\n")
+    server.queue(Reply(chunks=[anthropic_stream("ok")]))
+    assert user.run("hi").returncode == 0
+    body = server.received[-1].body
+    assert (body["temperature"], body["max_tokens"]) == (0.2, 50) and "system" not in body
+    assert server.received[-1].headers["Accept"] == "text/event-stream"
+
+
 def test_anthropic_messages_alternate_starting_with_user():
     merged = synapse.anthropic_messages([
         ("assistant", "stray"), ("user", "a"), ("user", "b"), ("assistant", "c"),
