@@ -438,6 +438,23 @@ def test_connection_pragmas(store):
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 2  # FAST, whatever the build
+
+
+def test_new_databases_get_16k_pages_and_old_ones_keep_theirs(tmp_path):
+    with synapse.SqliteStore(str(tmp_path / "new.db")) as store:
+        assert store._conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    for statement in synapse.load_migrations()[0].statements:  # as SQLite's default makes it
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with synapse.SqliteStore(str(old)) as store:
+        assert store._conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        session = make_session(store)
+        store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, "still works"))
+        assert [m.content for m in store.get_messages(session.id)] == ["still works"]
 
 
 def test_schema_of_migration_one(store):
@@ -1943,6 +1960,55 @@ def test_sigkill_during_a_migration_leaves_a_whole_version(user, tmp_path):
     assert "before the upgrade" in text(user.run("sessions", "list"))
 
 
+def many_sessions(path: Path, sessions: int, messages_each: int) -> None:
+    """A history built fast in one transaction, oldest session first."""
+    synapse.SqliteStore(str(path)).close()
+    conn = synapse.connect(str(path))
+    conn.execute("BEGIN")
+    for i in range(sessions):
+        sid, stamp = str(uuid.uuid4()), synapse.format_timestamp(NOW - timedelta(minutes=sessions - i))
+        conn.execute("INSERT INTO sessions VALUES (?, NULL, 'echo', 'echo', NULL, ?, ?)",
+                     (sid, stamp, stamp))
+        conn.executemany("INSERT INTO messages VALUES (?, ?, 'user', ?, ?)", [
+            (str(synapse.new_message_id()), sid, f"message {i}.{j} " * 8, stamp)
+            for j in range(messages_each)])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_bulk_cleanup_leaves_all_or_nothing(user, tmp_path):
+    base = tmp_path / "base.db"
+    many_sessions(base, 30_000, 5)
+    user.write_config("[session]\nmax_sessions = 15000\nretention_days = 0\n")
+
+    def attempt(kill_after: Optional[float]) -> tuple:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{user.db_path}{suffix}").unlink(missing_ok=True)
+        shutil.copy(base, user.db_path)
+        started = time.monotonic()
+        process = user.popen("sessions", "cleanup")
+        if kill_after is not None:
+            time.sleep(kill_after)
+            process.kill()
+        process.wait()
+        integrity(user.db_path)
+        conn = sqlite3.connect(user.db_path)
+        (count,) = conn.execute("SELECT count(*) FROM sessions").fetchone()
+        (index,) = conn.execute("SELECT count(*) FROM sqlite_master"
+                                " WHERE name = 'idx_messages_session'").fetchone()
+        conn.close()
+        assert count in (30_000, 15_000) and index == 1
+        return process.returncode, count, time.monotonic() - started
+
+    *whole, duration = attempt(None)
+    assert whole == [0, 15_000]
+    rng = random.Random(11)
+    # Most of a run is the cleanup's one transaction; start-up is the first part.
+    outcomes = [attempt(duration * rng.uniform(0.35, 0.95))[:2] for _ in range(8)]
+    assert (-signal.SIGKILL, 30_000) in outcomes, "no kill landed before the commit"
+
+
 # -- bad input ---------------------------------------------------------------------
 
 
@@ -2117,6 +2183,120 @@ def test_openai_texts_keep_every_piece(pieces):
 
 
 # ---------------------------------------------------------------------------
+# -- the bulk path of a large cleanup ------------------------------------------
+# It drops idx_messages_session, finds the messages by time and rebuilds the
+# index; it must leave exactly what the row-by-row path leaves.
+
+
+def varied_history(path: Path, sessions: int = 40, seed: int = 3) -> Dict[str, str]:
+    """Sessions of 0-6 messages over 200 days, with the awkward cases named."""
+    rng = random.Random(seed)
+    store = synapse.SqliteStore(str(path))
+    named = {}
+    for i in range(sessions):
+        created = NOW - timedelta(days=rng.uniform(1, 200))
+        updated = created + (NOW - created) * rng.random()
+        session = make_session(store, created=created, updated=updated)
+        stamps = sorted(created + (updated - created) * rng.random() for _ in range(rng.randint(0, 6)))
+        for j, stamp in enumerate(stamps):
+            store._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", (
+                str(synapse.new_message_id()), str(session.id), "user" if j % 2 == 0 else "assistant",
+                f"message {i}.{j}", synapse.format_timestamp(stamp)))
+        set_updated(path, session.id, updated)
+    # The oldest session, doomed by every config below, holds a message
+    # stamped after its updated_at: the time range misses it, the cascade not.
+    straggler = make_session(store, created=NOW - timedelta(days=300), updated=NOW - timedelta(days=299))
+    store.add_message(synapse.StoredMessage.new(straggler.id, synapse.Role.USER, "from the future"))
+    set_updated(path, straggler.id, NOW - timedelta(days=299))
+    # A session kept by every config whose messages are as old as the doomed ones.
+    survivor = make_session(store, created=NOW - timedelta(days=250), updated=NOW)
+    for j in range(3):
+        store._conn.execute("INSERT INTO messages VALUES (?, ?, 'user', ?, ?)", (
+            str(synapse.new_message_id()), str(survivor.id), f"old but kept {j}",
+            synapse.format_timestamp(NOW - timedelta(days=250 - j))))
+    store.close()
+    named.update(straggler=str(straggler.id), survivor=str(survivor.id))
+    return named
+
+
+def table_contents(path: Path):
+    conn = sqlite3.connect(path)
+    try:
+        return (sorted(conn.execute("SELECT * FROM sessions")),
+                sorted(conn.execute("SELECT * FROM messages")),
+                sorted(conn.execute("SELECT type, name, sql FROM sqlite_master")))
+    finally:
+        conn.close()
+
+
+def traced_cleanup(path: Path, config, dry_run=False):
+    statements: List[str] = []
+    with synapse.SqliteStore(str(path)) as store:
+        store._conn.set_trace_callback(statements.append)
+        result = store.preview_cleanup(config) if dry_run else store.cleanup(config)
+        assert store._conn.execute("PRAGMA cache_size").fetchone()[0] == -2000
+    return result, any(s.startswith("DROP INDEX") for s in statements)
+
+
+@pytest.mark.parametrize("config", [
+    synapse.SessionConfig(max_sessions=10, retention_days=0),
+    synapse.SessionConfig(max_sessions=0, retention_days=60),
+    synapse.SessionConfig(max_sessions=15, retention_days=100),
+])
+def test_bulk_cleanup_leaves_what_the_row_by_row_path_leaves(tmp_path, monkeypatch, config):
+    row_by_row, bulk = tmp_path / "row.db", tmp_path / "bulk.db"
+    named = varied_history(row_by_row)
+    shutil.copy(row_by_row, bulk)
+    expected, dropped = traced_cleanup(row_by_row, config)
+    assert not dropped
+    monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
+    result, dropped = traced_cleanup(bulk, config)
+    assert dropped and result == expected and result.sessions_deleted >= 10
+    assert table_contents(bulk) == table_contents(row_by_row)
+    sessions, messages, _ = table_contents(bulk)
+    assert named["straggler"] not in {s[0] for s in sessions}
+    assert sum(m[3].startswith("old but kept") for m in messages) == 3
+    integrity(bulk)
+
+
+@pytest.mark.parametrize("doomed, total, bulk", [(10, 50, True), (9, 50, False), (10, 51, False)])
+def test_bulk_path_only_for_a_large_share_of_sessions(tmp_path, monkeypatch, doomed, total, bulk):
+    monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 10)
+    with synapse.SqliteStore(str(tmp_path / "s.db")) as store:
+        aged_sessions(store, range(total, 0, -1))
+    result, dropped = traced_cleanup(tmp_path / "s.db",
+                                     synapse.SessionConfig(max_sessions=total - doomed, retention_days=0))
+    assert result.sessions_deleted == doomed and dropped == bulk
+
+
+def test_bulk_dry_run_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "h.db"
+    varied_history(path)
+    before = table_contents(path)
+    monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
+    (result, ids), dropped = traced_cleanup(path, synapse.SessionConfig(max_sessions=10), dry_run=True)
+    assert dropped and result.sessions_deleted == len(ids) >= 30
+    assert table_contents(path) == before
+
+
+def test_bulk_cleanup_failing_after_the_index_is_dropped_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "h.db"
+    varied_history(path)
+    before = table_contents(path)
+    monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
+    statements: List[str] = []
+    with synapse.SqliteStore(str(path)) as store:
+        store._conn.set_trace_callback(statements.append)
+        # Interrupt the delete that runs while idx_messages_session is gone.
+        store._conn.set_progress_handler(lambda: "INDEXED BY" in statements[-1], 1)
+        with pytest.raises(synapse.DatabaseError):
+            store.cleanup(synapse.SessionConfig(max_sessions=10))
+        store._conn.set_progress_handler(None, 0)
+    assert any(s.startswith("DROP INDEX") for s in statements)
+    assert table_contents(path) == before
+    integrity(path)
+
+
 # Queries use their indexes (SPEC §9)
 # ---------------------------------------------------------------------------
 
@@ -2190,6 +2370,16 @@ def test_cleanup_plans_use_indexes(tmp_path):
     assert plans and all(no_full_scan_of_messages(p) for p in plans), plans
     assert any("idx_messages_session" in p for p in deletes)
     assert any("idx_sessions_updated" in p for p in plans)
+    assert len(store.list_sessions()) == 10
+    store.close()
+
+
+def test_bulk_cleanup_plans_use_indexes(tmp_path, monkeypatch):
+    store = populated_store(tmp_path)
+    monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
+    plans = query_plans(store, store.cleanup, synapse.SessionConfig(max_sessions=10, retention_days=30))
+    assert plans and all(no_full_scan_of_messages(p) for p in plans), plans
+    assert any("idx_messages_timestamp (timestamp<?)" in p for p in plans), plans
     assert len(store.list_sessions()) == 10
     store.close()
 
