@@ -649,7 +649,7 @@ def describe_sqlite_error(exc: BaseException, path: str) -> str:
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # Pages of a new database.  Larger pages than SQLite's 4 KiB mean fewer page
 # reads and WAL frames when much is deleted at once (a large cleanup: about
-# 20 % faster); small writes cost the same.
+# 10 % faster); add_message stays under 0.1 ms.
 NEW_DATABASE_PAGE_SIZE = 16384
 
 
@@ -1068,7 +1068,7 @@ def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
     session's ``updated_at``), and the index is rebuilt from what remains in
     one sorted pass.  A larger page cache then holds the indexes that the
     cascade from ``sessions`` looks up in random order.  At 50,000 of 100,000
-    sessions this takes a third off the cleanup.  It is all one transaction:
+    sessions this takes a quarter off the cleanup (2.5 to 1.8 s).  It is all one transaction:
     no other connection ever sees the index missing.  A message stamped later
     than its session (possible through the API) still goes, by the cascade.
     """
