@@ -2279,6 +2279,20 @@ def test_bulk_dry_run_changes_nothing(tmp_path, monkeypatch):
     assert table_contents(path) == before
 
 
+@pytest.mark.parametrize("missing", ["idx_messages_session", "idx_messages_timestamp"])
+def test_cleanup_without_the_bulk_paths_indexes_deletes_row_by_row(tmp_path, monkeypatch, missing):
+    path = tmp_path / "h.db"
+    varied_history(path)
+    conn = sqlite3.connect(path)
+    conn.execute(f"DROP INDEX {missing}")
+    conn.close()
+    monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
+    result, dropped = traced_cleanup(path, synapse.SessionConfig(max_sessions=10))
+    assert not dropped and result.sessions_deleted >= 30
+    assert len(table_contents(path)[0]) == 10
+    integrity(path)
+
+
 def test_bulk_cleanup_failing_after_the_index_is_dropped_changes_nothing(tmp_path, monkeypatch):
     path = tmp_path / "h.db"
     varied_history(path)
