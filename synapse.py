@@ -716,7 +716,7 @@ def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connecti
             )
         if version == 0 and conn.execute("PRAGMA page_count").fetchone()[0] == 0:
             conn.execute(f"PRAGMA page_size = {NEW_DATABASE_PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         # Zero deleted text inside the pages being written anyway, on every
         # platform (builds differ: Debian's zeroes every freed page, which
@@ -729,6 +729,24 @@ def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connecti
         conn.close()
         raise
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection, patience: float = 10.0) -> None:
+    """``journal_mode = WAL``, retried while another process switches a new database.
+
+    SQLite answers "database is locked" to that switch at once, without
+    waiting out the busy timeout, when several processes open a brand-new
+    database together (seen with 8 at once on a loaded machine).
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> int:

@@ -1960,6 +1960,38 @@ def test_sigkill_during_a_migration_leaves_a_whole_version(user, tmp_path):
     assert "before the upgrade" in text(user.run("sessions", "list"))
 
 
+OPEN_AT_ONCE = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import synapse
+open(sys.argv[3] + "." + str(os.getpid()), "w").close()
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.0005)
+try:
+    synapse.SqliteStore(sys.argv[2]).close()
+except synapse.SynapseError as exc:
+    sys.exit(str(exc))
+"""
+
+
+@pytest.mark.slow
+def test_eight_processes_creating_one_database_at_the_same_moment(tmp_path):
+    # SQLite refuses the switch to WAL at once, without the busy timeout,
+    # while another process makes the same new database.
+    for attempt in range(12):
+        db, go = tmp_path / f"{attempt}.db", tmp_path / f"go{attempt}"
+        processes = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(HERE), str(db), str(go)],
+                                      stderr=subprocess.PIPE) for _ in range(8)]
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob(f"go{attempt}.*"))) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        for p in processes:
+            _, stderr = p.communicate(timeout=60)
+            assert p.returncode == 0, stderr.decode()
+        integrity(db)
+
+
 def many_sessions(path: Path, sessions: int, messages_each: int) -> None:
     """A history built fast in one transaction, oldest session first."""
     synapse.SqliteStore(str(path)).close()
