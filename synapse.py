@@ -38,6 +38,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import (
+    Any,
     Callable,
     Dict,
     Iterable,
@@ -1657,8 +1658,39 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 Ctrl-C.
 """
 
 
+def terminal_columns(default: int) -> int:
+    """Columns of the terminal on stdout, as ``shutil.get_terminal_size`` finds
+    them, without importing ``shutil`` (and with it ``bz2`` and ``lzma``): that
+    import is a tenth of the start-up budget."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or default
+    except (AttributeError, ValueError, OSError):
+        return default
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, sized by ``terminal_columns``.
+
+    argparse builds a formatter for every option it is given, even when no
+    help is printed, and its own finds the width by importing ``shutil``.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else terminal_columns(80) - 2)
+
+
 class CommandLineParser(argparse.ArgumentParser):
     """argparse whose errors end in synapse's own line, ``synapse: error: ...``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -1669,7 +1701,7 @@ def build_chat_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog="synapse", description="Chat with large language models from the terminal; "
         "every conversation is kept in a local SQLite database.",
-        epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=CHAT_EPILOG)
     parser.add_argument("message", nargs="*", metavar="MESSAGE",
                         help="the message (words are joined by spaces); stdin is read when piped")
     which = parser.add_mutually_exclusive_group()
@@ -1838,9 +1870,7 @@ def command_list(args: argparse.Namespace, config: Config) -> int:
     if not summaries:
         print("No sessions found.")
         return 0
-    import shutil  # deferred: only the table needs it
-
-    columns = shutil.get_terminal_size((120, 24)).columns
+    columns = terminal_columns(120)
     widths = {"ID": 36, "NAME": 20, "PROVIDER": 10, "MODEL": 20, "CREATED": 16, "MESSAGES": 8}
     widths["PREVIEW"] = max(columns - sum(widths.values()) - 2 * len(widths), 20)
     rows = [list(widths)]

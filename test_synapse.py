@@ -852,6 +852,33 @@ def test_version_in_a_subprocess(user):
     assert user.run("-V").stdout == result.stdout
 
 
+def test_help_follows_the_terminal_width(user):
+    def option_lines(columns: str) -> List[str]:
+        result = user.run("--help", env={"COLUMNS": columns})
+        return [line for line in text(result).splitlines() if line.startswith("  -")]
+
+    assert option_lines("60") and max(map(len, option_lines("60"))) <= 60
+    assert max(map(len, option_lines("200"))) > 60
+
+
+def test_version_and_listing_import_neither_requests_nor_shutil(user):
+    user.ok("-p", "echo", "one session to list")
+    probe = ("import sys\n"
+             "before = set(sys.modules)\n"
+             "import synapse\n"
+             "for argv in (['--version'], ['sessions', 'list']):\n"
+             "    try:\n"
+             "        synapse.main(argv)\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "print('loaded:', [m for m in ('requests', 'shutil') if m in set(sys.modules) - before])\n")
+    # -S: no site-packages, whose .pth files may import shutil before synapse does.
+    result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, env=user.env,
+                            cwd=HERE, timeout=60)
+    assert "one session to list" in text(result)
+    assert text(result).splitlines()[-1] == "loaded: []", text(result) + result.stderr.decode()
+
+
 def test_help_when_no_message_and_stdin_is_a_terminal(user):
     # Only a terminal counts: tmux gives the child one on stdin.
     result = user.run("--help")
