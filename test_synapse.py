@@ -2360,12 +2360,13 @@ def test_bulk_cleanup_failing_after_the_index_is_dropped_changes_nothing(tmp_pat
     statements: List[str] = []
     with synapse.SqliteStore(str(path)) as store:
         store._conn.set_trace_callback(statements.append)
-        # Interrupt the delete that runs while idx_messages_session is gone.
-        store._conn.set_progress_handler(lambda: "INDEXED BY" in statements[-1], 1)
+        # Interrupt the delete that runs while the message indexes are gone.
+        store._conn.set_progress_handler(lambda: "NOT INDEXED" in statements[-1], 1)
         with pytest.raises(synapse.DatabaseError):
             store.cleanup(synapse.SessionConfig(max_sessions=10))
         store._conn.set_progress_handler(None, 0)
-    assert any(s.startswith("DROP INDEX") for s in statements)
+    assert [s for s in statements if s.startswith("DROP INDEX")] == [
+        "DROP INDEX idx_messages_session", "DROP INDEX idx_messages_timestamp"]
     assert table_contents(path) == before
     integrity(path)
 
@@ -2453,6 +2454,7 @@ def test_bulk_cleanup_plans_use_indexes(tmp_path, monkeypatch):
     plans = query_plans(store, store.cleanup, synapse.SessionConfig(max_sessions=10, retention_days=30))
     assert plans and all(no_full_scan_of_messages(p) for p in plans), plans
     assert any("idx_messages_timestamp (timestamp<?)" in p for p in plans), plans
+    assert any("SEARCH messages USING INTEGER PRIMARY KEY (rowid<?)" in p for p in plans), plans
     assert len(store.list_sessions()) == 10
     store.close()
 
