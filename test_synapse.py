@@ -2294,6 +2294,7 @@ def traced_cleanup(path: Path, config, dry_run=False):
         store._conn.set_trace_callback(statements.append)
         result = store.preview_cleanup(config) if dry_run else store.cleanup(config)
         assert store._conn.execute("PRAGMA cache_size").fetchone()[0] == -2000
+        assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # off only inside
     return result, any(s.startswith("DROP INDEX") for s in statements)
 
 
@@ -2303,15 +2304,21 @@ def traced_cleanup(path: Path, config, dry_run=False):
     synapse.SessionConfig(max_sessions=15, retention_days=100),
 ])
 def test_bulk_cleanup_leaves_what_the_row_by_row_path_leaves(tmp_path, monkeypatch, config):
-    row_by_row, bulk = tmp_path / "row.db", tmp_path / "bulk.db"
+    row_by_row, bulk, cascade = tmp_path / "row.db", tmp_path / "bulk.db", tmp_path / "cascade.db"
     named = varied_history(row_by_row)
     shutil.copy(row_by_row, bulk)
+    shutil.copy(row_by_row, cascade)
+    # The oracle: the same sessions deleted one by one, by the foreign key's cascade.
+    with synapse.SqliteStore(str(cascade)) as store:
+        assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        oracle, doomed = store.preview_cleanup(config)
+        assert all(store.delete_session(session_id) for session_id in doomed)
     expected, dropped = traced_cleanup(row_by_row, config)
-    assert not dropped
+    assert not dropped and expected == oracle
     monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
     result, dropped = traced_cleanup(bulk, config)
     assert dropped and result == expected and result.sessions_deleted >= 10
-    assert table_contents(bulk) == table_contents(row_by_row)
+    assert table_contents(bulk) == table_contents(row_by_row) == table_contents(cascade)
     sessions, messages, _ = table_contents(bulk)
     assert named["straggler"] not in {s[0] for s in sessions}
     assert sum(m[3].startswith("old but kept") for m in messages) == 3
@@ -2365,6 +2372,7 @@ def test_bulk_cleanup_failing_after_the_index_is_dropped_changes_nothing(tmp_pat
         with pytest.raises(synapse.DatabaseError):
             store.cleanup(synapse.SessionConfig(max_sessions=10))
         store._conn.set_progress_handler(None, 0)
+        assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert [s for s in statements if s.startswith("DROP INDEX")] == [
         "DROP INDEX idx_messages_session", "DROP INDEX idx_messages_timestamp"]
     assert table_contents(path) == before
