@@ -1101,8 +1101,8 @@ def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
     they lie at or before the last rowid stamped up to the newest doomed
     session.  The few that do not (a message stamped later than its session,
     possible through the API) go in a last pass through the rebuilt index.
-    At 50,000 of 100,000 sessions this takes 40 % off the cleanup.  It is all
-    one transaction: no other connection ever sees an index missing.
+    At 50,000 of 100,000 sessions this takes about 40 % off the cleanup.  It
+    is all one transaction: no other connection ever sees an index missing.
     """
     indexes = dict(conn.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
@@ -1679,7 +1679,8 @@ def terminal_columns(default: int) -> int:
     them, without importing ``shutil`` (and with it ``bz2`` and ``lzma``): that
     import is a tenth of the start-up budget."""
     try:
-        return int(os.environ["COLUMNS"])
+        if int(os.environ["COLUMNS"]) > 0:
+            return int(os.environ["COLUMNS"])
     except (KeyError, ValueError):
         pass
     try:

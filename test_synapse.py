@@ -859,6 +859,8 @@ def test_help_follows_the_terminal_width(user):
 
     assert option_lines("60") and max(map(len, option_lines("60"))) <= 60
     assert max(map(len, option_lines("200"))) > 60
+    # Nonsense is ignored, as shutil.get_terminal_size ignores it (no terminal here: 80).
+    assert option_lines("0") == option_lines("-3") == option_lines("wide") == option_lines("80")
 
 
 def test_version_and_listing_import_neither_requests_nor_shutil(user):
