@@ -1679,10 +1679,11 @@ def terminal_columns(default: int) -> int:
     them, without importing ``shutil`` (and with it ``bz2`` and ``lzma``): that
     import is a tenth of the start-up budget."""
     try:
-        if int(os.environ["COLUMNS"]) > 0:
-            return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
     try:
         return os.get_terminal_size(sys.__stdout__.fileno()).columns or default
     except (AttributeError, ValueError, OSError):
@@ -1746,7 +1747,7 @@ def _add_config_option(parser: argparse.ArgumentParser, default: object = None) 
 
 def build_sessions_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="synapse sessions",
-                                     description="List, read, search and tidy stored sessions.")
+                               description="List, read, search and tidy stored sessions.")
     _add_config_option(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -653,14 +653,26 @@ def test_cleanup_both_counts_no_session_twice(store):
     assert remaining(store) == {s.id for s in sessions[3:]}
 
 
-def test_cleanup_protects_the_session_being_continued(store):
+@pytest.mark.parametrize("bulk", [False, True])
+def test_cleanup_protects_the_session_being_continued(store, monkeypatch, bulk):
     sessions = aged_sessions(store, [200, 50, 40, 30])
     protected = sessions[0]
+    # Its message is as old as any doomed one: the bulk path's rowid range holds it.
+    store._conn.execute("INSERT INTO messages VALUES (?, ?, 'user', 'mine', ?)", (
+        str(synapse.new_message_id()), str(protected.id),
+        synapse.format_timestamp(NOW - timedelta(days=200))))
+    if bulk:
+        monkeypatch.setattr(synapse, "BULK_CLEANUP_MIN", 1)
+    statements: List[str] = []
+    store._conn.set_trace_callback(statements.append)
     result = store.cleanup(synapse.SessionConfig(max_sessions=2, retention_days=90),
                            protect=protected.id)
+    store._conn.set_trace_callback(None)
+    assert any(s.startswith("DROP INDEX") for s in statements) == bulk
     # The protected one survives retention and still counts toward max_sessions.
     assert result == synapse.CleanupResult(2, 2, 0)
     assert remaining(store) == {protected.id, sessions[3].id}
+    assert [m.content for m in store.get_messages(protected.id)] == ["mine"]
 
 
 def test_cleanup_zero_means_unlimited(store):
