@@ -1887,6 +1887,17 @@ def test_repl_in_a_real_terminal(user, server, tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def write_lock_taken(probe: sqlite3.Connection) -> bool:
+    """Whether another connection holds the database's write lock right now
+    (``probe`` must have been opened with ``timeout=0``)."""
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return True
+    probe.execute("ROLLBACK")
+    return False
+
+
 def integrity(db_path: Path) -> None:
     conn = sqlite3.connect(db_path)
     try:
@@ -2055,16 +2066,30 @@ def test_sigkill_during_a_bulk_cleanup_leaves_all_or_nothing(user, tmp_path):
     many_sessions(base, 30_000, 5)
     user.write_config("[session]\nmax_sessions = 15000\nretention_days = 0\n")
 
-    def attempt(kill_after: Optional[float]) -> tuple:
+    def attempt(kill_after: Optional[float], from_lock: bool = True) -> tuple:
+        """Run a cleanup; kill it ``kill_after`` seconds after it takes the write lock
+        (or after it starts); return its exit code, the sessions left, and how long
+        it held the lock."""
         for suffix in ("", "-wal", "-shm"):
             Path(f"{user.db_path}{suffix}").unlink(missing_ok=True)
         shutil.copy(base, user.db_path)
-        started = time.monotonic()
+        probe = sqlite3.connect(user.db_path, timeout=0, isolation_level=None)
         process = user.popen("sessions", "cleanup")
-        if kill_after is not None:
+        if from_lock:
+            # The cleanup's one transaction is the only time this command holds
+            # the write lock, so it marks where a kill must roll everything back.
+            while not write_lock_taken(probe) and process.poll() is None:
+                time.sleep(0.001)
+        locked = time.monotonic()
+        if kill_after is None:
+            while write_lock_taken(probe) and process.poll() is None:
+                time.sleep(0.001)
+        else:
             time.sleep(kill_after)
             process.kill()
+        held = time.monotonic() - locked
         process.wait()
+        probe.close()
         integrity(user.db_path)
         conn = sqlite3.connect(user.db_path)
         (count,) = conn.execute("SELECT count(*) FROM sessions").fetchone()
@@ -2072,14 +2097,18 @@ def test_sigkill_during_a_bulk_cleanup_leaves_all_or_nothing(user, tmp_path):
                                 " WHERE name = 'idx_messages_session'").fetchone()
         conn.close()
         assert count in (30_000, 15_000) and index == 1
-        return process.returncode, count, time.monotonic() - started
+        return process.returncode, count, held
 
-    *whole, duration = attempt(None)
+    *whole, held = attempt(None)
     assert whole == [0, 15_000]
+    assert held > 0.05, "the cleanup's transaction was not seen"
     rng = random.Random(11)
-    # Most of a run is the cleanup's one transaction; start-up is the first part.
-    outcomes = [attempt(duration * rng.uniform(0.35, 0.95))[:2] for _ in range(8)]
-    assert (-signal.SIGKILL, 30_000) in outcomes, "no kill landed before the commit"
+    # Kills inside the transaction (which drops and rebuilds the indexes), then
+    # anywhere in the run: start-up, the transaction, the checkpoint after it.
+    outcomes = [attempt(held * rng.uniform(0.02, 0.7))[:2] for _ in range(5)]
+    for _ in range(3):
+        attempt(held * rng.uniform(0.0, 1.5), from_lock=False)
+    assert (-signal.SIGKILL, 30_000) in outcomes, "no kill landed inside the cleanup's transaction"
 
 
 # -- bad input ---------------------------------------------------------------------
