@@ -34,7 +34,7 @@ import re
 import sqlite3
 import sys
 import time
-import uuid
+from collections import namedtuple
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import (
@@ -45,13 +45,16 @@ from typing import (
     Iterator,
     List,
     Mapping,
-    NamedTuple,
     Optional,
     Protocol,
     Sequence,
+    TYPE_CHECKING,
     TextIO,
     Tuple,
 )
+
+if TYPE_CHECKING:  # uuid itself is imported where IDs are made or read (section 2)
+    import uuid
 
 __version__ = "0.1.0"
 
@@ -124,8 +127,10 @@ class ProviderError(SynapseError):
 # ---------------------------------------------------------------------------
 # 2. Data types
 #
-# Records are NamedTuples: immutable, compared by value and cheap to define.
-# (Importing dataclasses alone costs a fifth of the --version time budget.)
+# Records are collections.namedtuple classes, as in the standard library:
+# immutable, compared by value, and cheap to define.  (Importing dataclasses
+# costs 8 ms, and a typing.NamedTuple class 0.3 ms to define, as it compiles
+# each annotation; SPEC §9 leaves `--version` about 12 ms over bare Python.)
 # ---------------------------------------------------------------------------
 
 
@@ -157,6 +162,17 @@ def parse_timestamp(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+# IDs are uuid.UUID objects, but only the three functions below, which make or
+# read them, import uuid: on Python 3.11 and older it imports platform, about
+# 2 ms of every start, a sixth of what SPEC §9 lets `--version` add to Python's.
+
+
+def new_session_id() -> uuid.UUID:
+    """A random UUID (version 4): short prefixes of it are unique."""
+    import uuid
+    return uuid.uuid4()
+
+
 def new_message_id() -> uuid.UUID:
     """A time-ordered UUID (version 7 layout).
 
@@ -164,6 +180,7 @@ def new_message_id() -> uuid.UUID:
     primary-key index append-only, which makes inserts and bulk cleanup cheap.
     Session IDs stay random (``uuid4``) so that short prefixes are unique.
     """
+    import uuid
     millis = time.time_ns() // 1_000_000
     value = (millis & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
     value &= ~(0xF << 76)
@@ -173,14 +190,22 @@ def new_message_id() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-class Session(NamedTuple):
-    id: uuid.UUID
-    name: Optional[str]
-    provider: str
-    model: str
-    system_prompt: Optional[str]
-    created_at: datetime
-    updated_at: datetime
+def to_uuid(value: object) -> uuid.UUID:
+    """``value`` as a UUID; ``InvalidData`` if it is not one."""
+    import uuid
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidData(f"{value!r} is not a UUID") from None
+
+
+class Session(namedtuple("Session", "id name provider model system_prompt created_at updated_at")):
+    """A conversation: ``id`` a UUID, ``name`` and ``system_prompt`` str or None,
+    ``provider`` and ``model`` str, ``created_at`` and ``updated_at`` datetimes."""
+
+    __slots__ = ()
 
     @classmethod
     def new(
@@ -191,48 +216,46 @@ class Session(NamedTuple):
         name: Optional[str] = None,
     ) -> "Session":
         now = utc_now()
-        return cls(uuid.uuid4(), name, provider, model, system_prompt, now, now)
+        return cls(new_session_id(), name, provider, model, system_prompt, now, now)
 
 
-class SessionSummary(NamedTuple):
-    id: uuid.UUID
-    name: Optional[str]
-    provider: str
-    model: str
-    created_at: datetime
-    updated_at: datetime
-    message_count: int
-    preview: Optional[str]
+class SessionSummary(namedtuple("SessionSummary", "id name provider model created_at updated_at"
+                                                  " message_count preview")):
+    """A row of ``sessions list``: a Session's fields but the system prompt,
+    ``message_count`` an int, ``preview`` the first user message (str or None)."""
+
+    __slots__ = ()
 
 
-class StoredMessage(NamedTuple):
-    id: uuid.UUID
-    session_id: uuid.UUID
-    role: Role
-    content: str
-    timestamp: datetime
+class StoredMessage(namedtuple("StoredMessage", "id session_id role content timestamp")):
+    """One message: ``id`` and ``session_id`` UUIDs, ``role`` a Role,
+    ``content`` str, ``timestamp`` a datetime."""
+
+    __slots__ = ()
 
     @classmethod
     def new(cls, session_id: uuid.UUID, role: Role, content: str) -> "StoredMessage":
         return cls(new_message_id(), session_id, Role(role), content, utc_now())
 
 
-class CleanupResult(NamedTuple):
-    sessions_deleted: int
-    by_max_limit: int
-    by_retention: int
+class CleanupResult(namedtuple("CleanupResult", "sessions_deleted by_max_limit by_retention")):
+    """How many sessions a cleanup deleted, in all and for each reason (ints)."""
+
+    __slots__ = ()
 
 
-class SessionConfig(NamedTuple):
-    max_sessions: int = 100
-    retention_days: int = 90
-    auto_cleanup: bool = True
-    database_url: Optional[str] = None
+class SessionConfig(namedtuple("SessionConfig", "max_sessions retention_days auto_cleanup database_url",
+                               defaults=(100, 90, True, None))):
+    """The ``[session]`` table: ``max_sessions`` and ``retention_days`` ints
+    (0 turns each off), ``auto_cleanup`` a bool, ``database_url`` str or None."""
+
+    __slots__ = ()
 
 
-class SearchHit(NamedTuple):
-    session: SessionSummary
-    snippet: str
+class SearchHit(namedtuple("SearchHit", "session snippet")):
+    """A session (SessionSummary) that ``sessions search`` found, and where (str)."""
+
+    __slots__ = ()
 
 
 PREVIEW_LENGTH = 50
@@ -257,19 +280,18 @@ def make_preview(text: Optional[str], length: int = PREVIEW_LENGTH) -> Optional[
 # ---------------------------------------------------------------------------
 
 
-class ProviderSettings(NamedTuple):
-    """One provider as built in and as the config file amends it."""
+class ProviderSettings(namedtuple("ProviderSettings", "name kind base_url model api_key_env api_key"
+                                                      " needs_key max_tokens_field",
+                                  defaults=(None, None, False, "max_tokens"))):
+    """One provider as built in and as the config file amends it.
 
-    name: str
-    kind: str  # "openai", "anthropic" or "echo"
-    base_url: Optional[str]
-    model: str
-    api_key_env: Optional[str] = None
-    api_key: Optional[str] = None
-    needs_key: bool = False
-    # The built-in openai provider sends max_completion_tokens: newer OpenAI
-    # models reject max_tokens, while other compatible servers only know it.
-    max_tokens_field: str = "max_tokens"
+    ``kind`` is "openai", "anthropic" or "echo"; ``base_url``, ``api_key_env``
+    and ``api_key`` are str or None; ``needs_key`` is a bool.  The built-in
+    openai provider's ``max_tokens_field`` is max_completion_tokens: newer
+    OpenAI models reject max_tokens, while other compatible servers only know it.
+    """
+
+    __slots__ = ()
 
 
 BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = MappingProxyType({
@@ -293,29 +315,33 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = MappingProxyType({
 })
 
 
-class Config(NamedTuple):
-    path: Optional[str] = None
-    provider: str = "deepseek"
-    model: Optional[str] = None
-    api_key: Optional[str] = None
-    base_url: Optional[str] = None
-    max_tokens: int = 4096
-    temperature: Optional[float] = None
-    timeout: float = 600.0
-    system_prompt: Optional[str] = None
-    providers: Mapping[str, Mapping[str, object]] = MappingProxyType({})
-    session: SessionConfig = SessionConfig()
+_CONFIG_DEFAULTS: Mapping[str, object] = {
+    "path": None,  # the file read, if any
+    "provider": "deepseek",
+    "model": None,  # the provider's own model when None
+    "api_key": None,
+    "base_url": None,
+    "max_tokens": 4096,
+    "temperature": None,
+    "timeout": 600.0,  # seconds between bytes of a reply
+    "system_prompt": None,
+    "providers": MappingProxyType({}),  # [providers.NAME] tables, as read
+    "session": SessionConfig(),
+}
 
 
-class Provider(NamedTuple):
-    """The provider in force for one turn: everything a client needs."""
+class Config(namedtuple("Config", _CONFIG_DEFAULTS, defaults=_CONFIG_DEFAULTS.values())):
+    """The configuration in force: the file's values over the defaults above."""
 
-    name: str
-    kind: str
-    base_url: Optional[str]
-    model: str
-    api_key: Optional[str]
-    max_tokens_field: str = "max_tokens"
+    __slots__ = ()
+
+
+class Provider(namedtuple("Provider", "name kind base_url model api_key max_tokens_field",
+                          defaults=("max_tokens",))):
+    """The provider in force for one turn: everything a client needs
+    (``base_url`` and ``api_key`` may be None)."""
+
+    __slots__ = ()
 
 
 def config_home(env: Mapping[str, str]) -> str:
@@ -576,10 +602,10 @@ class SessionStore(Protocol):
                 protect: Optional[uuid.UUID] = None) -> CleanupResult: ...
 
 
-class Migration(NamedTuple):
-    number: int
-    title: str
-    statements: Tuple[str, ...]
+class Migration(namedtuple("Migration", "number title statements")):
+    """One numbered step of schema.sql: its ``statements`` are a tuple of str."""
+
+    __slots__ = ()
 
 
 _MIGRATION_HEADER = re.compile(r"^--\s*migration:\s*(\d+)\s*(.*?)\s*$")
@@ -785,22 +811,13 @@ def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) 
     return version
 
 
-def _to_uuid(value: object) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise InvalidData(f"{value!r} is not a UUID") from None
-
-
 def _session_from_row(row: Sequence) -> Session:
-    return Session(_to_uuid(row[0]), row[1], row[2], row[3], row[4],
+    return Session(to_uuid(row[0]), row[1], row[2], row[3], row[4],
                    parse_timestamp(row[5]), parse_timestamp(row[6]))
 
 
 def _summary_from_row(row: Sequence) -> SessionSummary:
-    return SessionSummary(_to_uuid(row[0]), row[1], row[2], row[3],
+    return SessionSummary(to_uuid(row[0]), row[1], row[2], row[3],
                           parse_timestamp(row[4]), parse_timestamp(row[5]),
                           row[6], make_preview(row[7]))
 
@@ -810,7 +827,7 @@ def _message_from_row(row: Sequence) -> StoredMessage:
         role = Role(row[2])
     except ValueError:
         raise InvalidData(f"message {row[0]} has unknown role {row[2]!r}") from None
-    return StoredMessage(_to_uuid(row[0]), _to_uuid(row[1]), role, row[3],
+    return StoredMessage(to_uuid(row[0]), to_uuid(row[1]), role, row[3],
                          parse_timestamp(row[4]))
 
 
@@ -878,7 +895,7 @@ class SqliteStore:
             conn.execute(
                 "INSERT INTO sessions (id, name, provider, model, system_prompt,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (str(_to_uuid(session.id)), session.name, session.provider, session.model,
+                (str(to_uuid(session.id)), session.name, session.provider, session.model,
                  session.system_prompt, format_timestamp(session.created_at),
                  format_timestamp(session.updated_at)),
             )
@@ -886,7 +903,7 @@ class SqliteStore:
     def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
         rows = self._read(
             "SELECT id, name, provider, model, system_prompt, created_at, updated_at"
-            " FROM sessions WHERE id = ?", (str(_to_uuid(session_id)),))
+            " FROM sessions WHERE id = ?", (str(to_uuid(session_id)),))
         return _session_from_row(rows[0]) if rows else None
 
     def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
@@ -898,7 +915,7 @@ class SqliteStore:
 
     def touch_session(self, session_id: uuid.UUID) -> None:
         with self._write() as conn:
-            self._touch(conn, _to_uuid(session_id))
+            self._touch(conn, to_uuid(session_id))
 
     def _touch(self, conn: sqlite3.Connection, session_id: uuid.UUID, **columns: str) -> None:
         assignments = "".join(f", {name} = ?" for name in columns)
@@ -911,23 +928,23 @@ class SqliteStore:
     def delete_session(self, session_id: uuid.UUID) -> bool:
         with self._write() as conn:
             cursor = conn.execute("DELETE FROM sessions WHERE id = ?",
-                                  (str(_to_uuid(session_id)),))
+                                  (str(to_uuid(session_id)),))
             return cursor.rowcount > 0
 
     def add_message(self, message: StoredMessage) -> None:
         with self._write() as conn:
-            self._touch(conn, _to_uuid(message.session_id))
+            self._touch(conn, to_uuid(message.session_id))
             conn.execute(
                 "INSERT INTO messages (id, session_id, role, content, timestamp)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (str(_to_uuid(message.id)), str(_to_uuid(message.session_id)),
+                (str(to_uuid(message.id)), str(to_uuid(message.session_id)),
                  Role(message.role).value, message.content,
                  format_timestamp(message.timestamp)))
 
     def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
         rows = self._read(
             "SELECT id, session_id, role, content, timestamp FROM messages"
-            " WHERE session_id = ? ORDER BY rowid", (str(_to_uuid(session_id)),))
+            " WHERE session_id = ? ORDER BY rowid", (str(to_uuid(session_id)),))
         return [_message_from_row(r) for r in rows]
 
     def cleanup(self, config: SessionConfig,
@@ -942,7 +959,7 @@ class SqliteStore:
         ``dry_run`` does the same work and rolls it back, so its counts are
         exactly those a real run would give.
         """
-        keep = str(_to_uuid(protect)) if protect is not None else ""
+        keep = str(to_uuid(protect)) if protect is not None else ""
         # Foreign keys are off for this one transaction, which deletes every
         # doomed session's messages itself (_delete_doomed): the cascade, one
         # index lookup per deleted session in random order, was a fifth of a
@@ -972,7 +989,7 @@ class SqliteStore:
                 counts = dict(conn.execute("SELECT why, count(*) FROM doomed GROUP BY why"))
                 by_max, by_retention = counts.get("max", 0), counts.get("retention", 0)
                 result = CleanupResult(by_max + by_retention, by_max, by_retention)
-                ids = [uuid.UUID(r[0]) for r in conn.execute("SELECT id FROM doomed")] if dry_run else []
+                ids = [to_uuid(r[0]) for r in conn.execute("SELECT id FROM doomed")] if dry_run else []
                 if result.sessions_deleted:
                     _delete_doomed(conn, bulk=result.sessions_deleted >= BULK_CLEANUP_MIN
                                    and result.sessions_deleted * BULK_CLEANUP_SHARE >= total)
@@ -1001,13 +1018,13 @@ class SqliteStore:
     def rename_session(self, session_id: uuid.UUID, name: Optional[str]) -> None:
         with self._write() as conn:
             cursor = conn.execute("UPDATE sessions SET name = ? WHERE id = ?",
-                                  (name, str(_to_uuid(session_id))))
+                                  (name, str(to_uuid(session_id))))
             if cursor.rowcount == 0:
                 raise SessionNotFound(session_id)
 
     def switch_model(self, session_id: uuid.UUID, provider: str, model: str) -> None:
         with self._write() as conn:
-            self._touch(conn, _to_uuid(session_id), provider=provider, model=model)
+            self._touch(conn, to_uuid(session_id), provider=provider, model=model)
 
     def search_sessions(self, text: str, limit: Optional[int] = None) -> List[SearchHit]:
         """Sessions with a message containing ``text`` (any case), newest first.
@@ -1155,9 +1172,10 @@ def create_storage(database_url: Optional[str] = None) -> SqliteStore:
 # ---------------------------------------------------------------------------
 
 
-class ServerEvent(NamedTuple):
-    event: str
-    data: str
+class ServerEvent(namedtuple("ServerEvent", "event data")):
+    """One server-sent event: its type ("message" unless named) and its data."""
+
+    __slots__ = ()
 
 
 class EventStreamParser:
@@ -1236,15 +1254,12 @@ CONNECT_TIMEOUT = 10.0
 MAX_RETRY_WAIT = 30.0
 
 
-class ChatRequest(NamedTuple):
-    """What one turn sends, whatever the protocol."""
+class ChatRequest(namedtuple("ChatRequest", "system_prompt messages max_tokens temperature timeout stream",
+                             defaults=(4096, None, 600.0, True))):
+    """What one turn sends, whatever the protocol: ``messages`` are (role,
+    content) pairs, oldest first; ``system_prompt`` and ``temperature`` may be None."""
 
-    system_prompt: Optional[str]
-    messages: Sequence[Tuple[str, str]]  # (role, content), oldest first
-    max_tokens: int = 4096
-    temperature: Optional[float] = None
-    timeout: float = 600.0
-    stream: bool = True
+    __slots__ = ()
 
 
 def retry_delay(attempt: int, headers: Mapping[str, str]) -> float:
@@ -1828,14 +1843,14 @@ def resolve_session_id(store: SqliteStore, text: str) -> uuid.UUID:
         raise UsageError(f"'{text}' is not a session ID; give a UUID or at least "
                          f"4 of its leading hex characters")
     if len(compact) == 32:
-        return uuid.UUID(compact)
+        return to_uuid(compact)
     prefix = "-".join(compact[a:b] for a, b in _UUID_PIECES if compact[a:b])
     matches = store.find_session_ids(prefix, limit=11)
     if not matches:
         raise SessionNotFound(text)
     if len(matches) > 1:
         raise AmbiguousSessionID(text, matches[:10] + (["..."] if len(matches) > 10 else []))
-    return uuid.UUID(matches[0])
+    return to_uuid(matches[0])
 
 
 def load_session(store: SqliteStore, text: str) -> Session:
