@@ -43,6 +43,7 @@ import synapse  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while python sqlite terminal chat "
          "model reply stream session config provider error cache index query plan").split()
+SITE_COST_WARNING = 0.005  # seconds: a bare venv's site costs about 1 ms
 NEEDLE = "zanzibar"  # in one session of every thousand
 
 
@@ -237,6 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rng = random.Random(1)
     work = Path(tempfile.mkdtemp(prefix="synapse-bench-"))
     rows: List[Row] = []
+    notes: List[str] = []
     server = StreamServer(pieces=20, gap=0.05)
     try:
         home = work / "home"
@@ -279,6 +281,17 @@ retention_days = 0
                         "<= 1.5 x", f"{ratio:.2f} x ({statistics.median(r.seconds for r in version) * 1000:.1f}"
                         f" vs {base * 1000:.1f} ms)", ratio <= 1.5, ratio, min(ratios), max(ratios),
                         max(r.peak_mb for r in version)))
+        # A .pth file in this interpreter's site-packages that imports much
+        # (a sandbox's certificate hook, say) slows both sides of the ratio
+        # alike and so hides synapse's own start-up: say so, and by how much.
+        site_cost = (statistics.median(r.seconds for r in repeat([py, "-c", "pass"], env, runs))
+                     - statistics.median(r.seconds for r in repeat([py, "-S", "-c", "pass"], env, runs)))
+        rows.append(Row("  (info) what site-packages adds to every start of this python", "-",
+                        f"{site_cost * 1000:.1f} ms", True, site_cost, site_cost, site_cost))
+        if site_cost > SITE_COST_WARNING:
+            notes.append(f"note: this python's site-packages adds {site_cost * 1000:.0f} ms to every "
+                         f"start, which dilutes the --version ratio; run the benchmark from a fresh "
+                         f"venv (python -m venv .venv && .venv/bin/pip install .)")
         script = repeat([py, SYNAPSE, "--version"], env, runs)
         script_ratio = statistics.median(r.seconds for r in script) / base
         rows.append(Row("  (info) python synapse.py --version, from a checkout", "-",
@@ -353,6 +366,8 @@ retention_days = 0
         shutil.rmtree(work, ignore_errors=True)
 
     print_table(rows, quick=args.quick)
+    for note in notes:
+        print(note)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"quick": args.quick, "python": sys.version.split()[0], "rows": [asdict(r) for r in rows]},
