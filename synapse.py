@@ -315,7 +315,7 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = MappingProxyType({
 })
 
 
-_CONFIG_DEFAULTS: Mapping[str, object] = {
+_CONFIG_DEFAULTS: Mapping[str, object] = MappingProxyType({
     "path": None,  # the file read, if any
     "provider": "deepseek",
     "model": None,  # the provider's own model when None
@@ -327,7 +327,7 @@ _CONFIG_DEFAULTS: Mapping[str, object] = {
     "system_prompt": None,
     "providers": MappingProxyType({}),  # [providers.NAME] tables, as read
     "session": SessionConfig(),
-}
+})
 
 
 class Config(namedtuple("Config", _CONFIG_DEFAULTS, defaults=_CONFIG_DEFAULTS.values())):
