@@ -1399,7 +1399,7 @@ def iter_response_bytes(response, provider: Provider) -> Iterator[bytes]:
                 yield chunk
         else:  # pragma: no cover - urllib3 1.x
             yield from response.iter_content(chunk_size=1)
-    except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout, TimeoutError) as exc:
+    except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout, TimeoutError):
         raise ProviderError(f"{provider.name} sent nothing more for longer than 'timeout' "
                             f"seconds; try again, or raise 'timeout' in the config") from None
     except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
@@ -1830,7 +1830,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def open_store(config: Config) -> SqliteStore:
-    return SqliteStore(database_path(config.session.database_url))
+    return create_storage(config.session.database_url)
 
 
 _UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
@@ -1886,9 +1886,9 @@ def session_json(session: Session, messages: Sequence[StoredMessage]) -> Dict[st
                           "timestamp": format_timestamp(m.timestamp)} for m in messages]}
 
 
-def print_json(value: object, out: TextIO) -> None:
-    json.dump(value, out, ensure_ascii=False, indent=2)
-    out.write("\n")
+def json_text(value: object) -> str:
+    """What ``--json`` and ``export --format json`` print."""
+    return json.dumps(value, ensure_ascii=False, indent=2) + "\n"
 
 
 # -- sessions commands ---------------------------------------------------------
@@ -1898,7 +1898,7 @@ def command_list(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         summaries = store.list_sessions(args.limit)
     if args.json:
-        print_json([summary_json(s) for s in summaries], sys.stdout)
+        sys.stdout.write(json_text([summary_json(s) for s in summaries]))
         return 0
     if not summaries:
         print("No sessions found.")
@@ -1924,7 +1924,7 @@ def command_show(args: argparse.Namespace, config: Config) -> int:
         session = load_session(store, args.id)
         messages = store.get_messages(session.id)
     if args.json:
-        print_json(session_json(session, messages), sys.stdout)
+        sys.stdout.write(json_text(session_json(session, messages)))
         return 0
     lines = [f"Session:  {session.id}"]
     if session.name:
@@ -1950,7 +1950,7 @@ def command_delete(args: argparse.Namespace, config: Config) -> int:
                 if not store.delete_session(session_id):
                     raise SessionNotFound(text)
             except (UsageError, SessionNotFound, AmbiguousSessionID) as exc:
-                print(f"synapse: error: {exc}", file=sys.stderr)
+                report_error(str(exc), ())
                 worst = max(worst, exc.exit_code)
                 continue
             print(f"Deleted session {session_id}")
@@ -1983,7 +1983,7 @@ def command_export(args: argparse.Namespace, config: Config) -> int:
         session = load_session(store, args.id)
         messages = store.get_messages(session.id)
     if args.format == "json":
-        text = json.dumps(session_json(session, messages), ensure_ascii=False, indent=2) + "\n"
+        text = json_text(session_json(session, messages))
     else:
         text = export_markdown(session, messages)
     if not args.output:
@@ -2005,7 +2005,7 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         hits = store.search_sessions(text, args.limit)
     if args.json:
-        print_json([{**summary_json(h.session), "snippet": h.snippet} for h in hits], sys.stdout)
+        sys.stdout.write(json_text([{**summary_json(h.session), "snippet": h.snippet} for h in hits]))
         return 0
     if not hits:
         print(f"No sessions match {text!r}.")
@@ -2046,10 +2046,7 @@ def command_chat(args: argparse.Namespace, config: Config) -> int:
         args.parser.print_help()
         return 0
     continuing = bool(args.session or args.continue_latest)
-    # Resolve the provider before reading or writing anything: a missing key
-    # must leave no trace.  A continued session's provider comes from the store.
-    provider = None if continuing and not args.provider else resolve_provider(
-        config, args.provider, args.model)
+    provider = provider_from_flags(args, config)
     message = read_message(" ".join(args.message) if args.message else None, stdin)
 
     with open_store(config) as store:
@@ -2059,6 +2056,15 @@ def command_chat(args: argparse.Namespace, config: Config) -> int:
     if not continuing and sys.stderr.isatty():
         print(f"session: {session.id}", file=sys.stderr)
     return 0
+
+
+def provider_from_flags(args: argparse.Namespace, config: Config) -> Optional[Provider]:
+    """The provider ``-p``/``-m`` and the config choose, resolved before anything is
+    read or written, so that a missing key leaves no trace; None when continuing
+    a session without ``-p``: its provider comes from the store."""
+    if (args.session or args.continue_latest) and not args.provider:
+        return None
+    return resolve_provider(config, args.provider, args.model)
 
 
 def start_session(store: SqliteStore, args: argparse.Namespace, config: Config,
@@ -2176,8 +2182,7 @@ def run_repl(args: argparse.Namespace, config: Config) -> int:
     if not interactive:
         sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
     continuing = bool(args.session or args.continue_latest)
-    provider = None if continuing and not args.provider else resolve_provider(
-        config, args.provider, args.model)
+    provider = provider_from_flags(args, config)
     session: Optional[Session] = None
     history: List[StoredMessage] = []
     with open_store(config) as store:

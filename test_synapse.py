@@ -311,6 +311,17 @@ def test_role_values_and_records():
     message = synapse.StoredMessage.new(session.id, synapse.Role.USER, "hi")
     assert message.role is synapse.Role.USER and message.session_id == session.id
     assert synapse.SessionConfig() == synapse.SessionConfig(100, 90, True, None)
+    # The fields, in SPEC §4's order, so positional construction means the same.
+    assert synapse.Session._fields == ("id", "name", "provider", "model", "system_prompt",
+                                       "created_at", "updated_at")
+    assert synapse.SessionSummary._fields == ("id", "name", "provider", "model", "created_at",
+                                              "updated_at", "message_count", "preview")
+    assert synapse.StoredMessage._fields == ("id", "session_id", "role", "content", "timestamp")
+    assert synapse.CleanupResult._fields == ("sessions_deleted", "by_max_limit", "by_retention")
+    assert synapse.SessionConfig._fields == ("max_sessions", "retention_days", "auto_cleanup",
+                                             "database_url")
+    with pytest.raises(AttributeError):
+        session.name = "records are immutable"  # type: ignore[misc]
     assert synapse.CleanupResult(3, 1, 2) == synapse.CleanupResult(
         sessions_deleted=3, by_max_limit=1, by_retention=2)
     for cls in (synapse.DatabaseError, synapse.SessionNotFound, synapse.MigrationError,
