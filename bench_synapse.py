@@ -350,6 +350,17 @@ retention_days = 0
             raise SystemExit(f"bench: cleanup did not delete half: {cleanup_runs[0].stdout!r}")
         rows.append(timing_row(f"sessions cleanup deleting {sessions // 2:,} of {sessions:,}",
                                2.0, cleanup_runs, target_text="< 2 s"))
+        fresh_copy()
+        dry_runs = repeat([*cli, "sessions", "cleanup", "--dry-run"],
+                          {**env, "SYNAPSE_DATABASE_URL": str(copy)}, runs)
+        if not all(r.stdout.startswith(f"Would delete {sessions // 2} sessions".encode())
+                   for r in dry_runs):
+            raise SystemExit(f"bench: the dry run did not choose half: {dry_runs[0].stdout[:80]!r}")
+        share = statistics.median(r.seconds for r in dry_runs) / rows[-1].median
+        rows.append(Row(f"sessions cleanup --dry-run choosing {sessions // 2:,} of {sessions:,}",
+                        "< 10 % of the cleanup", f"{share * 100:.1f} % "
+                        f"({statistics.median(r.seconds for r in dry_runs) * 1000:.0f} ms)",
+                        share < 0.10, share, share, share, max(r.peak_mb for r in dry_runs)))
 
         rare = repeat([*cli, "sessions", "search", NEEDLE], env, runs)
         if rare[0].stdout.count(b"\n") < 2:

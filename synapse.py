@@ -7,12 +7,12 @@ conversation can be listed, read, searched, exported and continued later.
 
 The module reads top to bottom in the order data flows:
 
-1. errors             -- one exception hierarchy, each with its exit code
+1. errors             -- one exception hierarchy; the exit statuses
 2. data types         -- roles, sessions, messages, cleanup records
 3. configuration      -- the TOML file, providers and where the database is
 4. storage            -- the SessionStore protocol, migrations, SqliteStore
 5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo
-6. chat flow          -- one turn: store, send, stream, store
+6. chat flow          -- a Conversation: store, send, stream, store
 7. command line       -- argparse, the chat and ``sessions`` commands, the REPL
 8. main               -- the one place that maps exceptions to exit codes
 
@@ -64,21 +64,27 @@ SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.s
 # ---------------------------------------------------------------------------
 # 1. Errors
 #
-# Every failure a user can meet is one of these.  ``main`` turns them into a
-# single line on stderr and ``exit_code``; nothing else decides exit codes.
+# Every failure a user can meet is one of these, and each class carries the
+# exit status it ends the command with.  ``main`` turns them into one line on
+# stderr; nothing else decides an exit status.
 # ---------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # network, provider, storage, a session not found
+EXIT_USAGE = 2  # bad flags or message, bad configuration
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
 
 
 class SynapseError(Exception):
     """Base of every error synapse reports to the user."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class UsageError(SynapseError):
     """Bad flags, a malformed session ID, an empty message."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(UsageError):
@@ -128,9 +134,8 @@ class ProviderError(SynapseError):
 # 2. Data types
 #
 # Records are collections.namedtuple classes, as in the standard library:
-# immutable, compared by value, and cheap to define.  (Importing dataclasses
-# costs 8 ms, and a typing.NamedTuple class 0.3 ms to define, as it compiles
-# each annotation; SPEC §9 leaves `--version` about 12 ms over bare Python.)
+# immutable, compared by value, and cheap to define (start-up has a budget,
+# SPEC §9; the README's design notes say what each choice saves).
 # ---------------------------------------------------------------------------
 
 
@@ -162,9 +167,9 @@ def parse_timestamp(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-# IDs are uuid.UUID objects, but only the three functions below, which make or
-# read them, import uuid: on Python 3.11 and older it imports platform, about
-# 2 ms of every start, a sixth of what SPEC §9 lets `--version` add to Python's.
+# IDs are uuid.UUID objects, but only the functions below, which make or read
+# them, import uuid: on Python 3.11 and older it imports platform, a sizeable
+# part of what SPEC §9 lets `--version` add to Python's own start.
 
 
 def new_session_id() -> uuid.UUID:
@@ -190,15 +195,13 @@ def new_message_id() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-def to_uuid(value: object) -> uuid.UUID:
-    """``value`` as a UUID; ``InvalidData`` if it is not one."""
+def parse_uuid(text: str) -> uuid.UUID:
+    """A stored ID back as a UUID; ``InvalidData`` if it is not one."""
     import uuid
-    if isinstance(value, uuid.UUID):
-        return value
     try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise InvalidData(f"{value!r} is not a UUID") from None
+        return uuid.UUID(text)
+    except (TypeError, ValueError):
+        raise InvalidData(f"{text!r} is not a UUID") from None
 
 
 class Session(namedtuple("Session", "id name provider model system_prompt created_at updated_at")):
@@ -261,14 +264,11 @@ class SearchHit(namedtuple("SearchHit", "session snippet")):
 PREVIEW_LENGTH = 50
 
 
-def make_preview(text: Optional[str], length: int = PREVIEW_LENGTH) -> Optional[str]:
-    """Whitespace runs folded to one space; past ``length``, cut with an ellipsis."""
-    if text is None:
-        return None
+def shorten(text: str, limit: int) -> str:
+    """Whitespace runs folded to one space; past ``limit`` characters, cut to
+    ``limit - 1`` of them and an ellipsis."""
     folded = " ".join(text.split())
-    if len(folded) > length:
-        return folded[: length - 1] + "\u2026"
-    return folded
+    return folded if len(folded) <= limit else folded[: limit - 1] + "\u2026"
 
 
 # ---------------------------------------------------------------------------
@@ -416,71 +416,82 @@ def find_config_path(explicit: Optional[str], env: Mapping[str, str]) -> Tuple[s
 def load_config(explicit: Optional[str] = None,
                 env: Optional[Mapping[str, str]] = None) -> Config:
     """Read and validate the config file; defaults when there is none."""
-    env = os.environ if env is None else env
-    path, named = find_config_path(explicit, env)
-    try:
-        with open(path, "rb") as config_file:
-            raw = config_file.read()
-    except FileNotFoundError:
-        if named:
-            raise ConfigError(f"config file {path} does not exist") from None
+    path, named = find_config_path(explicit, os.environ if env is None else env)
+    data = _read_toml(path, named)
+    if data is None:
         return Config()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised by CI on Python 3.9
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-
     top = _checked_table(data, TOP_LEVEL_KEYS, "", path)
-    session = _checked_table(top.pop("session", {}), SESSION_KEYS, "session.", path)
-    for key in ("max_sessions", "retention_days"):
-        if session.get(key, 0) < 0:  # type: ignore[operator]
-            raise ConfigError(f"{path}: 'session.{key}' must be 0 or more")
-    providers: Dict[str, Mapping[str, object]] = {}
-    for name, table in top.pop("providers", {}).items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: 'providers.{name}' must be a table")
-        entry = _checked_table(table, PROVIDER_KEYS, f"providers.{name}.", path)
-        if entry.get("kind", "openai") not in ("openai", "anthropic"):
-            raise ConfigError(
-                f"{path}: 'providers.{name}.kind' must be \"openai\" or \"anthropic\""
-            )
-        providers[name] = entry
-
+    session = _session_table(top.pop("session", {}), path)
+    providers = _provider_tables(top.pop("providers", {}), path)
     for key in ("max_tokens", "timeout"):
         if key in top and top[key] <= 0:  # type: ignore[operator]
             raise ConfigError(f"{path}: '{key}' must be greater than 0")
     prompt_file = top.pop("system_prompt_file", None)
     if prompt_file is not None and "system_prompt" not in top:
-        prompt_path = os.path.join(os.path.dirname(path), os.path.expanduser(str(prompt_file)))
-        try:
-            with open(prompt_path, encoding="utf-8") as prompt:
-                top["system_prompt"] = prompt.read().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"{path}: 'system_prompt_file' {prompt_path} cannot be read: "
-                f"{getattr(exc, 'strerror', None) or exc}"
-            ) from None
+        top["system_prompt"] = _read_prompt_file(path, str(prompt_file), "system_prompt_file")
 
     holds_key = "api_key" in top or any("api_key" in p for p in providers.values())
     if holds_key and os.name == "posix" and os.stat(path).st_mode & 0o077:
         warn(f"{path} holds an API key and can be read by others; run: chmod 600 {path}")
 
     numbers = {k: float(top[k]) for k in ("temperature", "timeout") if k in top}
-    return Config(
-        path=path,
-        **{**top, **numbers},  # type: ignore[arg-type]
-        providers=providers,
-        session=SessionConfig(**session),  # type: ignore[arg-type]
-    )
+    return Config(path=path, **{**top, **numbers}, providers=providers,  # type: ignore[arg-type]
+                  session=session)
+
+
+def _read_toml(path: str, named: bool) -> Optional[Dict[str, Any]]:
+    """The file's tables, or None when there is no file at the default place."""
+    try:
+        with open(path, "rb") as config_file:
+            raw = config_file.read()
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised by CI on Python 3.9
+        import tomli as tomllib
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _session_table(table: Mapping[str, object], path: str) -> SessionConfig:
+    session = _checked_table(table, SESSION_KEYS, "session.", path)
+    for key in ("max_sessions", "retention_days"):
+        if session.get(key, 0) < 0:  # type: ignore[operator]
+            raise ConfigError(f"{path}: 'session.{key}' must be 0 or more")
+    return SessionConfig(**session)  # type: ignore[arg-type]
+
+
+def _provider_tables(tables: Mapping[str, object], path: str) -> Dict[str, Mapping[str, object]]:
+    providers: Dict[str, Mapping[str, object]] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: 'providers.{name}' must be a table")
+        entry = _checked_table(table, PROVIDER_KEYS, f"providers.{name}.", path)
+        if entry.get("kind", "openai") not in ("openai", "anthropic"):
+            raise ConfigError(
+                f"{path}: 'providers.{name}.kind' must be \"openai\" or \"anthropic\"")
+        providers[name] = entry
+    return providers
+
+
+def _read_prompt_file(config_path: str, name: str, key: str) -> str:
+    """A prompt file's text, stripped; ``name`` is relative to the config file."""
+    prompt_path = os.path.join(os.path.dirname(config_path), os.path.expanduser(name))
+    try:
+        with open(prompt_path, encoding="utf-8") as prompt:
+            return prompt.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path}: '{key}' {prompt_path} cannot be read: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 def provider_settings(config: Config, name: str) -> ProviderSettings:
@@ -548,14 +559,16 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> str:
-    """Turn a database URL (or the default) into a file path.
+def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                  configured: Optional[str] = None) -> str:
+    """The database file: ``url`` if given, else ``SYNAPSE_DATABASE_URL``, else
+    the config's ``configured`` URL, else the default place.
 
     Accepted: a path, ``sqlite:PATH``, ``sqlite://PATH``, ``sqlite:///ABS``,
     each with ``~`` expanded.  Anything else with a scheme is refused.
     """
     env = os.environ if env is None else env
-    url = url or env.get("SYNAPSE_DATABASE_URL")
+    url = url or env.get("SYNAPSE_DATABASE_URL") or configured
     if not url:
         return os.path.join(config_home(env), "sessions.db")
     if url.startswith("sqlite:"):
@@ -579,27 +592,38 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
 # 4. Storage
 #
 # The SessionStore protocol, the migration runner that reads schema.sql, and
-# SqliteStore.  Nothing here prints or knows about the command line.
+# SqliteStore.  It takes and returns records (section 2) and raises
+# StorageError; it knows nothing of the command line and prints nothing.
 # ---------------------------------------------------------------------------
 
 
 class SessionStore(Protocol):
-    def create_session(self, session: Session) -> None: ...
+    """Where sessions and their messages are kept (SPEC §4)."""
 
-    def get_session(self, session_id: uuid.UUID) -> Optional[Session]: ...
+    def create_session(self, session: Session, messages: Sequence[StoredMessage] = ()) -> None:
+        """Store a new session, with its first ``messages``, in one transaction."""
 
-    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]: ...
+    def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
+        """The session, or None."""
 
-    def touch_session(self, session_id: uuid.UUID) -> None: ...
+    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
+        """Summaries, most recently updated first."""
 
-    def delete_session(self, session_id: uuid.UUID) -> bool: ...
+    def touch_session(self, session_id: uuid.UUID) -> None:
+        """Set ``updated_at`` to now; SessionNotFound if absent."""
 
-    def add_message(self, message: StoredMessage) -> None: ...
+    def delete_session(self, session_id: uuid.UUID) -> bool:
+        """Delete the session and its messages; True if it existed."""
 
-    def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]: ...
+    def add_message(self, message: StoredMessage) -> None:
+        """Append a message and touch its session; SessionNotFound if absent."""
+
+    def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
+        """The session's messages in the order they were added."""
 
     def cleanup(self, config: SessionConfig,
-                protect: Optional[uuid.UUID] = None) -> CleanupResult: ...
+                protect: Optional[uuid.UUID] = None) -> CleanupResult:
+        """Delete what retention and max_sessions doom, sparing ``protect``."""
 
 
 class Migration(namedtuple("Migration", "number title statements")):
@@ -674,9 +698,12 @@ def describe_sqlite_error(exc: BaseException, path: str) -> str:
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# Seconds a write waits for another's lock: an import's or a large cleanup's
+# one transaction may hold it that long (SPEC §4).
+BUSY_TIMEOUT = 60.0
 # Pages of a new database.  Larger pages than SQLite's 4 KiB mean fewer page
-# reads and WAL frames when much is deleted at once (a large cleanup: about
-# 10 % faster); add_message stays under 0.1 ms.
+# reads and WAL frames when much is deleted at once (a large cleanup), and
+# cost an insert nothing worth measuring (the README has the figures).
 NEW_DATABASE_PAGE_SIZE = 16384
 
 
@@ -727,20 +754,16 @@ def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connecti
     """
     _prepare_database_file(path)
     try:
-        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
     except sqlite3.Error as exc:
         raise DatabaseError(describe_sqlite_error(exc, path)) from None
     try:
-        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT * 1000:.0f}")
         conn.execute("PRAGMA foreign_keys = ON")
         # Read the version before anything can write to the file: a database
         # from a newer synapse is refused untouched.
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if newest_version is not None and version > newest_version:
-            raise MigrationError(
-                f"database {path} has schema version {version}, newer than this "
-                f"synapse knows ({newest_version}); upgrade synapse"
-            )
+        version = _schema_version(conn, sys.maxsize if newest_version is None
+                                  else newest_version, f"database {path}")
         if version == 0 and conn.execute("PRAGMA page_count").fetchone()[0] == 0:
             conn.execute(f"PRAGMA page_size = {NEW_DATABASE_PAGE_SIZE}")
         _switch_to_wal(conn)
@@ -782,13 +805,8 @@ def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) 
     Returns the version the database is at afterwards.  Safe to run from many
     processes at once: the version is re-read under the write lock.
     """
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
     latest = migrations[-1].number if migrations else 0
-    if version > latest:
-        raise MigrationError(
-            f"database has schema version {version}, newer than this synapse "
-            f"knows ({latest}); upgrade synapse"
-        )
+    version = _schema_version(conn, latest)
     for migration in migrations:
         if migration.number <= version:
             continue
@@ -811,15 +829,29 @@ def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) 
     return version
 
 
+def _schema_version(conn: sqlite3.Connection, newest: int, path: str = "database") -> int:
+    """``user_version``; a database from a newer synapse is refused."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > newest:
+        raise MigrationError(f"{path} has schema version {version}, newer than this synapse "
+                             f"knows ({newest}); upgrade synapse")
+    return version
+
+
+def _key(value: object) -> str:
+    """An ID as SQL binds it: the hyphenated lower-case text of its UUID."""
+    return str(value if not isinstance(value, str) else parse_uuid(value))
+
+
 def _session_from_row(row: Sequence) -> Session:
-    return Session(to_uuid(row[0]), row[1], row[2], row[3], row[4],
+    return Session(parse_uuid(row[0]), row[1], row[2], row[3], row[4],
                    parse_timestamp(row[5]), parse_timestamp(row[6]))
 
 
 def _summary_from_row(row: Sequence) -> SessionSummary:
-    return SessionSummary(to_uuid(row[0]), row[1], row[2], row[3],
-                          parse_timestamp(row[4]), parse_timestamp(row[5]),
-                          row[6], make_preview(row[7]))
+    preview = shorten(row[7], PREVIEW_LENGTH) if row[7] is not None else None
+    return SessionSummary(parse_uuid(row[0]), row[1], row[2], row[3],
+                          parse_timestamp(row[4]), parse_timestamp(row[5]), row[6], preview)
 
 
 def _message_from_row(row: Sequence) -> StoredMessage:
@@ -827,7 +859,7 @@ def _message_from_row(row: Sequence) -> StoredMessage:
         role = Role(row[2])
     except ValueError:
         raise InvalidData(f"message {row[0]} has unknown role {row[2]!r}") from None
-    return StoredMessage(to_uuid(row[0]), to_uuid(row[1]), role, row[3],
+    return StoredMessage(parse_uuid(row[0]), parse_uuid(row[1]), role, row[3],
                          parse_timestamp(row[4]))
 
 
@@ -840,6 +872,8 @@ _SUMMARY_COLUMNS = """
     (SELECT substr(m.content, 1, 2000) FROM messages m
       WHERE m.session_id = s.id AND m.role = 'user' ORDER BY m.rowid LIMIT 1)
 """
+_SESSION_COLUMNS = "id, name, provider, model, system_prompt, created_at, updated_at"
+_MESSAGE_COLUMNS = "id, session_id, role, content, timestamp"
 
 
 class SqliteStore:
@@ -884,26 +918,24 @@ class SqliteStore:
                 raise
             self._conn.execute("COMMIT")
 
-    def _read(self, sql: str, params: Sequence = ()) -> List[tuple]:
+    def _read(self, sql: str, params: Any = ()) -> List[tuple]:
         with self._errors():
             return self._conn.execute(sql, params).fetchall()
 
     # -- the SessionStore protocol ------------------------------------------
 
-    def create_session(self, session: Session) -> None:
+    def create_session(self, session: Session, messages: Sequence[StoredMessage] = ()) -> None:
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO sessions (id, name, provider, model, system_prompt,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (str(to_uuid(session.id)), session.name, session.provider, session.model,
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (_key(session.id), session.name, session.provider, session.model,
                  session.system_prompt, format_timestamp(session.created_at),
-                 format_timestamp(session.updated_at)),
-            )
+                 format_timestamp(session.updated_at)))
+            _insert_messages(conn, messages)
 
     def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
-        rows = self._read(
-            "SELECT id, name, provider, model, system_prompt, created_at, updated_at"
-            " FROM sessions WHERE id = ?", (str(to_uuid(session_id)),))
+        rows = self._read(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?",
+                          (_key(session_id),))
         return _session_from_row(rows[0]) if rows else None
 
     def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
@@ -915,51 +947,26 @@ class SqliteStore:
 
     def touch_session(self, session_id: uuid.UUID) -> None:
         with self._write() as conn:
-            self._touch(conn, to_uuid(session_id))
-
-    def _touch(self, conn: sqlite3.Connection, session_id: uuid.UUID, **columns: str) -> None:
-        assignments = "".join(f", {name} = ?" for name in columns)
-        cursor = conn.execute(
-            f"UPDATE sessions SET updated_at = ?{assignments} WHERE id = ?",
-            (format_timestamp(utc_now()), *columns.values(), str(session_id)))
-        if cursor.rowcount == 0:
-            raise SessionNotFound(session_id)
+            _touch(conn, _key(session_id))
 
     def delete_session(self, session_id: uuid.UUID) -> bool:
         with self._write() as conn:
-            cursor = conn.execute("DELETE FROM sessions WHERE id = ?",
-                                  (str(to_uuid(session_id)),))
+            cursor = conn.execute("DELETE FROM sessions WHERE id = ?", (_key(session_id),))
             return cursor.rowcount > 0
 
     def add_message(self, message: StoredMessage) -> None:
         with self._write() as conn:
-            self._touch(conn, to_uuid(message.session_id))
-            conn.execute(
-                "INSERT INTO messages (id, session_id, role, content, timestamp)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (str(to_uuid(message.id)), str(to_uuid(message.session_id)),
-                 Role(message.role).value, message.content,
-                 format_timestamp(message.timestamp)))
+            _touch(conn, _key(message.session_id))
+            _insert_messages(conn, [message])
 
     def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
-        rows = self._read(
-            "SELECT id, session_id, role, content, timestamp FROM messages"
-            " WHERE session_id = ? ORDER BY rowid", (str(to_uuid(session_id)),))
+        rows = self._read(f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                          " WHERE session_id = ? ORDER BY rowid", (_key(session_id),))
         return [_message_from_row(r) for r in rows]
 
     def cleanup(self, config: SessionConfig,
                 protect: Optional[uuid.UUID] = None) -> CleanupResult:
         """Apply retention, then max_sessions, in one transaction."""
-        return self._cleanup(config, protect, dry_run=False)[0]
-
-    def _cleanup(self, config: SessionConfig, protect: Optional[uuid.UUID],
-                 dry_run: bool) -> Tuple[CleanupResult, List[uuid.UUID]]:
-        """The cleanup and, on a dry run, the IDs it would delete.
-
-        ``dry_run`` does the same work and rolls it back, so its counts are
-        exactly those a real run would give.
-        """
-        keep = str(to_uuid(protect)) if protect is not None else ""
         # Foreign keys are off for this one transaction, which deletes every
         # doomed session's messages itself (_delete_doomed): the cascade, one
         # index lookup per deleted session in random order, was a fifth of a
@@ -971,43 +978,32 @@ class SqliteStore:
                 conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed"
                              " (id TEXT PRIMARY KEY, why TEXT NOT NULL, updated_at TEXT NOT NULL)")
                 conn.execute("DELETE FROM doomed")
-                total = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
-                if config.retention_days > 0:
-                    cutoff = utc_now() - timedelta(days=config.retention_days)
-                    conn.execute(
-                        "INSERT INTO doomed SELECT id, 'retention', updated_at FROM sessions"
-                        " WHERE updated_at < ? AND id != ?",
-                        (format_timestamp(cutoff), keep))
-                if config.max_sessions > 0:
-                    remaining = total - conn.execute("SELECT count(*) FROM doomed").fetchone()[0]
-                    if remaining > config.max_sessions:
-                        conn.execute(
-                            "INSERT INTO doomed SELECT id, 'max', updated_at FROM sessions"
-                            " WHERE id != ? AND id NOT IN (SELECT id FROM doomed)"
-                            " ORDER BY updated_at, created_at, rowid LIMIT ?",
-                            (keep, remaining - config.max_sessions))
+                total, choices = _cleanup_choices(conn, config, protect)
+                for why, sql, params in choices:
+                    conn.execute(f"INSERT INTO doomed SELECT id, '{why}', updated_at FROM ({sql})",
+                                 params)
                 counts = dict(conn.execute("SELECT why, count(*) FROM doomed GROUP BY why"))
-                by_max, by_retention = counts.get("max", 0), counts.get("retention", 0)
-                result = CleanupResult(by_max + by_retention, by_max, by_retention)
-                ids = [to_uuid(r[0]) for r in conn.execute("SELECT id FROM doomed")] if dry_run else []
+                result = _cleanup_result(counts)
                 if result.sessions_deleted:
                     _delete_doomed(conn, bulk=result.sessions_deleted >= BULK_CLEANUP_MIN
                                    and result.sessions_deleted * BULK_CLEANUP_SHARE >= total)
                 conn.execute("DELETE FROM doomed")
-                if dry_run:
-                    raise _RollBack()
-        except _RollBack:
-            pass
         finally:
             with self._errors():
                 self._conn.execute("PRAGMA foreign_keys = ON")
-        return result, ids
-
-    def preview_cleanup(self, config: SessionConfig) -> Tuple[CleanupResult, List[uuid.UUID]]:
-        """What ``cleanup`` would do now, and to which sessions; changes nothing."""
-        return self._cleanup(config, None, dry_run=True)
+        return result
 
     # -- beyond the protocol: what the command line needs ---------------------
+
+    def choose_cleanup(self, config: SessionConfig, protect: Optional[uuid.UUID] = None
+                       ) -> Tuple[CleanupResult, List[uuid.UUID]]:
+        """What ``cleanup`` would delete now, and which sessions.  It only
+        reads: no write lock, nothing to roll back (a dry run)."""
+        with self._errors():
+            doomed = {why: [parse_uuid(r[0]) for r in self._conn.execute(sql, params)]
+                      for why, sql, params in _cleanup_choices(self._conn, config, protect)[1]}
+        return (_cleanup_result({why: len(ids) for why, ids in doomed.items()}),
+                [i for ids in doomed.values() for i in ids])
 
     def find_session_ids(self, prefix: str, limit: int = 20) -> List[str]:
         """Stored IDs starting with ``prefix`` (hyphenated, lower case)."""
@@ -1018,16 +1014,16 @@ class SqliteStore:
     def rename_session(self, session_id: uuid.UUID, name: Optional[str]) -> None:
         with self._write() as conn:
             cursor = conn.execute("UPDATE sessions SET name = ? WHERE id = ?",
-                                  (name, str(to_uuid(session_id))))
+                                  (name, _key(session_id)))
             if cursor.rowcount == 0:
                 raise SessionNotFound(session_id)
 
     def switch_model(self, session_id: uuid.UUID, provider: str, model: str) -> None:
         with self._write() as conn:
-            self._touch(conn, to_uuid(session_id), provider=provider, model=model)
+            _touch(conn, _key(session_id), provider=provider, model=model)
 
     def search_sessions(self, text: str, limit: Optional[int] = None) -> List[SearchHit]:
-        """Sessions with a message containing ``text`` (any case), newest first.
+        """Sessions with a message containing ``text``, newest first.
 
         An ASCII needle uses LIKE, which SQLite runs in C and which ignores
         ASCII case; any other needle is matched with Python's ``casefold`` so
@@ -1081,16 +1077,62 @@ class SqliteStore:
             self._conn.set_progress_handler(None, 0)
 
 
+def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
+    """Set a session's ``updated_at`` to now (and ``columns``); SessionNotFound if absent."""
+    assignments = "".join(f", {name} = ?" for name in columns)
+    cursor = conn.execute(f"UPDATE sessions SET updated_at = ?{assignments} WHERE id = ?",
+                          (format_timestamp(utc_now()), *columns.values(), session_key))
+    if cursor.rowcount == 0:
+        raise SessionNotFound(session_key)
+
+
+def _insert_messages(conn: sqlite3.Connection, messages: Iterable[StoredMessage]) -> None:
+    conn.executemany(
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+        [(_key(m.id), _key(m.session_id), Role(m.role).value, m.content,
+          format_timestamp(m.timestamp)) for m in messages])
+
+
 # A search word common in a long history matches thousands of sessions; a
 # terminal wants the newest few.
 SEARCH_DEFAULT_LIMIT = 50
-# About 25 ms of walking sessions newest first (some 4,000 of them) before a
-# limited search falls back to scanning every message in one pass.
+# The work (thousands of SQLite steps: some thousands of sessions) a limited
+# search spends walking sessions newest first before it falls back to one
+# scan of every message.
 SEARCH_WALK_BUDGET = 300
 
 
 def _casefold_contains(content: Optional[str], needle: str) -> bool:
     return content is not None and needle in content.casefold()
+
+
+def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID]
+                     ) -> Tuple[int, List[Tuple[str, str, Mapping[str, object]]]]:
+    """How many sessions there are, and the queries that choose what a cleanup
+    deletes: (reason, a SELECT of the doomed sessions' ``id, updated_at``, its
+    parameters)."""
+    cutoff = ""  # every stored timestamp sorts after it
+    if config.retention_days > 0:
+        cutoff = format_timestamp(utc_now() - timedelta(days=config.retention_days))
+    params: Dict[str, object] = {"keep": _key(protect) if protect is not None else "",
+                                 "cutoff": cutoff}
+    past_retention = "SELECT id, updated_at FROM sessions WHERE updated_at < :cutoff AND id != :keep"
+    choices = [("retention", past_retention, params)]
+    total = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    if config.max_sessions > 0:
+        expired = conn.execute(f"SELECT count(*) FROM ({past_retention})", params).fetchone()[0]
+        excess = total - expired - config.max_sessions
+        if excess > 0:
+            choices.append(("max", "SELECT id, updated_at FROM sessions"
+                            " WHERE updated_at >= :cutoff AND id != :keep"
+                            " ORDER BY updated_at, created_at, rowid LIMIT :excess",
+                            {**params, "excess": excess}))
+    return total, choices
+
+
+def _cleanup_result(counts: Mapping[str, int]) -> CleanupResult:
+    by_max, by_retention = counts.get("max", 0), counts.get("retention", 0)
+    return CleanupResult(by_max + by_retention, by_max, by_retention)
 
 
 # A cleanup deleting at least this many sessions, and at least a fifth of all
@@ -1118,8 +1160,7 @@ def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
     they lie at or before the last rowid stamped up to the newest doomed
     session.  The few that do not (a message stamped later than its session,
     possible through the API) go in a last pass through the rebuilt index.
-    At 50,000 of 100,000 sessions this takes about 40 % off the cleanup.  It
-    is all one transaction: no other connection ever sees an index missing.
+    It is all one transaction: no other connection ever sees an index missing.
     """
     indexes = dict(conn.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
@@ -1145,10 +1186,6 @@ def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
         conn.execute(f"PRAGMA cache_size = {cache_size}")
 
 
-class _RollBack(Exception):
-    """Raised inside a transaction to undo it on purpose (dry runs)."""
-
-
 def make_snippet(content: str, needle: str, width: int = 70) -> str:
     """About ``width`` characters of ``content`` around the first ``needle``."""
     at = content.casefold().find(needle.casefold())
@@ -1159,16 +1196,18 @@ def make_snippet(content: str, needle: str, width: int = 70) -> str:
 
 
 def create_storage(database_url: Optional[str] = None) -> SqliteStore:
-    """Open (creating and migrating as needed) the store at ``database_url``."""
+    """Open (creating and migrating as needed) the store at ``database_url``,
+    else where SPEC §4 says the database is."""
     return SqliteStore(database_path(database_url))
 
 
 # ---------------------------------------------------------------------------
 # 5. Providers
 #
-# The server-sent-events parser, the one HTTP helper (retries, timeouts,
-# error messages), and a client per protocol.  A client is a generator of
-# reply text: nothing is sent until the first piece is asked for.
+# The server-sent-events parser, the one HTTP helper, a request and a reply
+# parser per protocol, and ``stream_chat``, the one entry point (retries,
+# the provider's name on every error).  A reply is a generator of text:
+# nothing is sent until the first piece is asked for.
 # ---------------------------------------------------------------------------
 
 
@@ -1252,6 +1291,7 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 MAX_RETRIES = 2
 CONNECT_TIMEOUT = 10.0
 MAX_RETRY_WAIT = 30.0
+RETRY_BASE_DELAY = 1.0  # seconds before the first retry; doubled for each next one
 
 
 class ChatRequest(namedtuple("ChatRequest", "system_prompt messages max_tokens temperature timeout stream",
@@ -1260,6 +1300,20 @@ class ChatRequest(namedtuple("ChatRequest", "system_prompt messages max_tokens t
     content) pairs, oldest first; ``system_prompt`` and ``temperature`` may be None."""
 
     __slots__ = ()
+
+
+class ProviderFault(Exception):
+    """What a provider did wrong, phrased to follow its name ("returned 401 ...",
+    "sent a malformed stream event ...").  The layers below ``stream_chat``
+    raise it; ``stream_chat`` names the provider and raises ProviderError."""
+
+
+class _Retry(Exception):
+    """A fault that another attempt may cure, while no reply text is out."""
+
+    def __init__(self, fault: ProviderFault, headers: Mapping[str, str] = MappingProxyType({})):
+        super().__init__(str(fault))
+        self.fault, self.headers = fault, headers
 
 
 def retry_delay(attempt: int, headers: Mapping[str, str]) -> float:
@@ -1276,21 +1330,20 @@ def retry_delay(attempt: int, headers: Mapping[str, str]) -> float:
             return min(max(float(value) * scale, 0.0), MAX_RETRY_WAIT)
         except ValueError:
             continue  # an HTTP date: fall back to backoff
-    return float(2 ** attempt)
+    return RETRY_BASE_DELAY * 2 ** attempt
 
 
-def _error_details(body: bytes) -> Tuple[Optional[str], Optional[str]]:
-    """(type or code, message) from an error body of any provider."""
-    try:
-        return _error_fields(json.loads(body.decode("utf-8", "replace")))
-    except ValueError:
-        return None, None
+def _error_object(data: object) -> object:
+    """The error inside an error body: ``{"error": {...}}`` (OpenAI, and
+    Anthropic inside its ``{"type": "error"}``) or ``{"error": "text"}`` (Ollama)."""
+    return data.get("error", data) if isinstance(data, dict) else None
 
 
 def _error_fields(data: object) -> Tuple[Optional[str], Optional[str]]:
-    error = data.get("error", data) if isinstance(data, dict) else None
+    """(type or code, message) of an error body of any provider."""
+    error = _error_object(data)
     if isinstance(error, str):
-        return None, error  # Ollama: {"error": "model 'x' not found"}
+        return None, error
     if not isinstance(error, dict):
         return None, None
     kind = error.get("type") or error.get("code")
@@ -1300,91 +1353,96 @@ def _error_fields(data: object) -> Tuple[Optional[str], Optional[str]]:
     return (str(kind) if kind else None), (str(message) if message is not None else None)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+def _json_or_none(body: bytes) -> object:
+    try:
+        return json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return None
 
 
-def describe_http_error(provider: str, status: int, reason: str, body: bytes,
-                        content_type: str) -> str:
-    kind, message = _error_details(body)
+def describe_http_error(status: int, reason: str, body: bytes, content_type: str) -> str:
+    kind, message = _error_fields(_json_or_none(body))
     if message:
         label = f" ({kind})" if kind else ""
-        text = f"{provider} returned {status}{label}: {_one_line(message)}"
+        text = f"returned {status}{label}: {shorten(message, 300)}"
     elif not body.strip():
-        text = f"{provider} returned {status} {reason} with an empty body"
+        text = f"returned {status} {reason} with an empty body"
     elif "html" in content_type.lower() or body.lstrip()[:1] == b"<":
-        text = f"{provider} returned {status} {reason} as an HTML page (is base_url right?)"
+        text = f"returned {status} {reason} as an HTML page (is base_url right?)"
     else:
-        text = f"{provider} returned {status} {reason}: {_one_line(body.decode('utf-8', 'replace'))}"
+        text = f"returned {status} {reason}: {shorten(body.decode('utf-8', 'replace'), 300)}"
     hints = {401: "check the API key", 403: "check the API key and its permissions",
              404: "check the model name and base_url"}
     return text + (f"; {hints[status]}" if status in hints else "")
 
 
 def _is_permanent(status: int, body: bytes) -> bool:
-    """A 429 for an empty account will not pass by waiting."""
-    return status == 429 and _error_details(body)[0] == "insufficient_quota"
+    """A 429 for an empty account will not pass by waiting (its ``code`` or
+    ``type`` says so); nor does DeepSeek's 402, which is not retried anyway."""
+    error = _error_object(_json_or_none(body))
+    return (status == 429 and isinstance(error, dict)
+            and "insufficient_quota" in (error.get("code"), error.get("type")))
 
 
 def _network_reason(exc: BaseException) -> str:
-    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    """What went wrong on the network, in words (never a bare class name)."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if found:
         return found.group(1).strip()
-    return type(exc).__name__
+    for clue, reason in (("IncompleteRead", "the reply was cut short"),
+                         ("ended prematurely", "the reply was cut short"),
+                         ("without response", "the server closed the connection"),
+                         ("Connection aborted", "the server closed the connection")):
+        if clue in text:
+            return reason
+    return shorten(text, 120) or "the connection failed"
 
 
-def post_json(provider: Provider, path: str, headers: Mapping[str, str],
-              payload: Mapping[str, object], timeout: float,
-              sleep: Callable[[float], None] = time.sleep):
-    """POST ``payload`` to ``base_url + path``; the 2xx response, or ProviderError.
-
-    Retries connection errors and 429/5xx/529 up to MAX_RETRIES times.  It
-    runs before any reply text exists, so a retry can never repeat output.
-    """
-    import requests  # deferred: costs ~70 ms, and only chat needs it
+def send_request(provider: Provider, method: str, path: str, headers: Mapping[str, str],
+                 payload: Optional[Mapping[str, object]], timeout: float, stream: bool):
+    """One HTTP attempt at ``base_url + path``: the 2xx response, else a
+    ProviderFault (a _Retry when another attempt may cure it)."""
+    import requests  # deferred: it is most of a chat's start-up, and only chat needs it
 
     url = f"{(provider.base_url or '').rstrip('/')}{path}"
-    body = json.dumps(payload).encode("utf-8")
-    accept = "text/event-stream" if payload.get("stream") else "application/json"
-    headers = {"Content-Type": "application/json", "Accept": accept, **headers}
-    for attempt in range(MAX_RETRIES + 1):
-        try:
-            response = requests.post(url, data=body, headers=headers, stream=True,
-                                     timeout=(CONNECT_TIMEOUT, timeout))
-        except requests.exceptions.Timeout:
-            error = ProviderError(
-                f"{provider.name} did not answer within {timeout:g} s; try again, "
-                f"or raise 'timeout' in the config")
-            retry_headers: Mapping[str, str] = {}
-        except (requests.exceptions.RequestException, OSError) as exc:
-            error = ProviderError(
-                f"cannot reach {provider.name} at {provider.base_url}: "
-                f"{_network_reason(exc)}; check the network and base_url")
-            retry_headers = {}
-        else:
-            if response.status_code < 300:
-                return response
-            try:
-                content = response.content
-            except (requests.exceptions.RequestException, OSError):
-                content = b""
-            finally:
-                response.close()
-            error = ProviderError(describe_http_error(
-                provider.name, response.status_code, response.reason or "",
-                content, response.headers.get("content-type", "")))
-            if (response.status_code not in RETRY_STATUSES
-                    or _is_permanent(response.status_code, content)):
-                raise error
-            retry_headers = {k.lower(): v for k, v in response.headers.items()}
-        if attempt == MAX_RETRIES:
-            raise error
-        sleep(retry_delay(attempt, retry_headers))
-    raise AssertionError("unreachable")
+    headers = {"Accept": "text/event-stream" if stream else "application/json", **headers}
+    body = None
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(payload).encode("utf-8")
+    try:
+        response = requests.request(method, url, data=body, headers=headers, stream=True,
+                                    timeout=(CONNECT_TIMEOUT, timeout))
+    except requests.exceptions.ConnectTimeout:
+        raise _Retry(ProviderFault(f"did not answer at {provider.base_url} within "
+                                   f"{CONNECT_TIMEOUT:g} s; check the network and base_url")) from None
+    except requests.exceptions.Timeout:  # a read timeout: waiting again would double it
+        raise _silence(timeout) from None
+    except (requests.exceptions.RequestException, OSError) as exc:
+        raise _Retry(ProviderFault(f"is not reachable at {provider.base_url} "
+                                   f"({_network_reason(exc)}); check the network and base_url")) from None
+    if response.status_code < 300:
+        return response
+    try:
+        content = response.content
+    except (requests.exceptions.RequestException, OSError):
+        content = b""
+    finally:
+        response.close()
+    fault = ProviderFault(describe_http_error(response.status_code, response.reason or "", content,
+                                              response.headers.get("content-type", "")))
+    if response.status_code in RETRY_STATUSES and not _is_permanent(response.status_code, content):
+        raise _Retry(fault, {k.lower(): v for k, v in response.headers.items()})
+    raise fault
 
 
-def iter_response_bytes(response, provider: Provider) -> Iterator[bytes]:
+def _silence(timeout: float) -> ProviderFault:
+    return ProviderFault(f"sent nothing for {timeout:g} s; raise timeout in the config "
+                         f"or try again")
+
+
+def iter_response_bytes(response, timeout: float) -> Iterator[bytes]:
     """The body as the network delivers it, one read at a time."""
     import requests
     import urllib3  # already loaded by requests
@@ -1400,72 +1458,69 @@ def iter_response_bytes(response, provider: Provider) -> Iterator[bytes]:
         else:  # pragma: no cover - urllib3 1.x
             yield from response.iter_content(chunk_size=1)
     except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout, TimeoutError):
-        raise ProviderError(f"{provider.name} sent nothing more for longer than 'timeout' "
-                            f"seconds; try again, or raise 'timeout' in the config") from None
+        raise _silence(timeout) from None
     except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
-        raise ProviderError(f"the connection to {provider.name} broke mid-reply "
-                            f"({_network_reason(exc)}); try again") from None
+        raise _Retry(ProviderFault(f"broke the connection mid-reply ({_network_reason(exc)}); "
+                                   f"try again")) from None
     finally:
         response.close()
 
 
-def iter_events(response, provider: Provider) -> Iterator[ServerEvent]:
+def iter_events(response, timeout: float) -> Iterator[ServerEvent]:
     parser = EventStreamParser()
-    for chunk in iter_response_bytes(response, provider):
+    for chunk in iter_response_bytes(response, timeout):
         yield from parser.feed(chunk)
     yield from parser.close()
 
 
-def _json_event(provider: Provider, data: str) -> dict:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        raise ProviderError(
-            f"{provider.name} sent a malformed stream event: {_one_line(data, 80)!r}") from None
-    if not isinstance(value, dict):
-        raise ProviderError(f"{provider.name} sent an unexpected stream event: {_one_line(data, 80)!r}")
-    return value
-
-
-def _stream_error(provider: Provider, value: Mapping[str, object]) -> ProviderError:
-    kind, message = _error_fields(value)
-    label = f" ({kind})" if kind else ""
-    return ProviderError(f"{provider.name} reported an error mid-reply{label}: "
-                         f"{_one_line(message or 'no details')}")
-
-
-def _response_kind(response, provider: Provider) -> str:
-    """"events" or "json"; an HTML page or other surprise is an error."""
+def _response_kind(response) -> str:
+    """"events" or "json"; an HTML page or other surprise is a fault."""
     content_type = response.headers.get("content-type", "").lower()
     if "json" in content_type:
         return "json"
     if "html" in content_type:
         response.close()
-        raise ProviderError(
-            f"{provider.name} answered with an HTML page, not a reply (is base_url right?)")
+        raise ProviderFault("answered with an HTML page, not a reply (is base_url right?)")
     return "events"
 
 
-def _json_body(response, provider: Provider) -> dict:
-    body = b"".join(iter_response_bytes(response, provider))
+def _json_event(data: str) -> dict:
     try:
-        value = json.loads(body.decode("utf-8", "replace"))
+        value = json.loads(data)
     except ValueError:
-        raise ProviderError(f"{provider.name} sent a reply that is not JSON: "
-                            f"{_one_line(body.decode('utf-8', 'replace'), 80)!r}") from None
+        raise ProviderFault(f"sent a malformed stream event: {shorten(data, 80)!r}") from None
     if not isinstance(value, dict):
-        raise ProviderError(f"{provider.name} sent an unexpected reply: {_one_line(str(value), 80)}")
-    if "error" in value:
-        raise _stream_error(provider, value)
+        raise ProviderFault(f"sent an unexpected stream event: {shorten(data, 80)!r}")
     return value
 
 
-def _missing_end(provider: Provider, marker: str) -> ProviderError:
-    return ProviderError(f"{provider.name} ended the reply before {marker}")
+def _reported_error(value: Mapping[str, object]) -> ProviderFault:
+    kind, message = _error_fields(value)
+    label = f" ({kind})" if kind else ""
+    return ProviderFault(f"reported an error{label}: {shorten(message or 'no details', 300)}")
 
 
-def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
-    """OpenAI chat completions, also DeepSeek, Ollama and compatible servers."""
+def read_json_body(response, timeout: float) -> dict:
+    body = b"".join(iter_response_bytes(response, timeout))
+    value = _json_or_none(body)
+    if value is None:
+        raise ProviderFault(f"sent a reply that is not JSON: "
+                            f"{shorten(body.decode('utf-8', 'replace'), 80)!r}")
+    if not isinstance(value, dict):
+        raise ProviderFault(f"sent an unexpected reply: {shorten(str(value), 80)}")
+    if "error" in value:
+        raise _reported_error(value)
+    return value
+
+
+# -- OpenAI chat completions (also DeepSeek, Ollama, compatible servers) ------------
+
+
+def openai_headers(provider: Provider) -> Dict[str, str]:
+    return {"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {}
+
+
+def openai_payload(provider: Provider, request: ChatRequest) -> Dict[str, object]:
     messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
     messages += [{"role": role, "content": content} for role, content in request.messages]
     payload: Dict[str, object] = {"model": provider.model, "messages": messages,
@@ -1473,19 +1528,18 @@ def stream_openai_chat(provider: Provider, request: ChatRequest) -> Iterator[str
                                   provider.max_tokens_field: request.max_tokens}
     if request.temperature is not None:
         payload["temperature"] = request.temperature
-    headers = {"Authorization": f"Bearer {provider.api_key}"} if provider.api_key else {}
-    response = post_json(provider, "/chat/completions", headers, payload, request.timeout)
-
-    if _response_kind(response, provider) == "json":
-        choices = _json_body(response, provider).get("choices") or [{}]
-        content = (choices[0].get("message") or {}).get("content")
-        if content:
-            yield content
-        return
-    yield from openai_texts(provider, iter_events(response, provider))
+    return payload
 
 
-def openai_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterator[str]:
+def openai_body(value: Mapping[str, object]) -> Iterator[str]:
+    """The reply text of a whole chat.completion."""
+    choices = value.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content")
+    if content:
+        yield content
+
+
+def openai_texts(events: Iterable[ServerEvent]) -> Iterator[str]:
     """The reply text in an OpenAI-style event stream, up to ``[DONE]``."""
     for event in events:
         data = event.data.strip()
@@ -1493,9 +1547,9 @@ def openai_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterator[
             return
         if not data:
             continue
-        value = _json_event(provider, data)
+        value = _json_event(data)
         if "error" in value:
-            raise _stream_error(provider, value)
+            raise _reported_error(value)
         # Azure sends filter results with no choices first; usage comes last.
         choices = value.get("choices") or []
         first = choices[0] if isinstance(choices, list) and choices else None
@@ -1504,7 +1558,17 @@ def openai_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterator[
         content = delta.get("content") if isinstance(delta, dict) else None
         if isinstance(content, str) and content:
             yield content
-    raise _missing_end(provider, "data: [DONE]")
+    raise ProviderFault("ended the reply before data: [DONE]")
+
+
+# -- Anthropic Messages -----------------------------------------------------------
+
+
+def anthropic_headers(provider: Provider) -> Dict[str, str]:
+    headers = {"anthropic-version": "2023-06-01"}
+    if provider.api_key:
+        headers["x-api-key"] = provider.api_key
+    return headers
 
 
 def anthropic_messages(messages: Sequence[Tuple[str, str]]) -> List[Dict[str, str]]:
@@ -1520,8 +1584,7 @@ def anthropic_messages(messages: Sequence[Tuple[str, str]]) -> List[Dict[str, st
     return merged
 
 
-def stream_anthropic_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
-    """Anthropic Messages."""
+def anthropic_payload(provider: Provider, request: ChatRequest) -> Dict[str, object]:
     payload: Dict[str, object] = {"model": provider.model, "max_tokens": request.max_tokens,
                                   "messages": anthropic_messages(request.messages),
                                   "stream": request.stream}
@@ -1529,25 +1592,22 @@ def stream_anthropic_chat(provider: Provider, request: ChatRequest) -> Iterator[
         payload["system"] = request.system_prompt
     if request.temperature is not None:
         payload["temperature"] = request.temperature
-    headers = {"anthropic-version": "2023-06-01"}
-    if provider.api_key:
-        headers["x-api-key"] = provider.api_key
-    response = post_json(provider, "/v1/messages", headers, payload, request.timeout)
-
-    if _response_kind(response, provider) == "json":
-        for block in _json_body(response, provider).get("content") or []:
-            if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
-                yield block["text"]
-        return
-    yield from anthropic_texts(provider, iter_events(response, provider))
+    return payload
 
 
-def anthropic_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterator[str]:
+def anthropic_body(value: Mapping[str, object]) -> Iterator[str]:
+    """The reply text of a whole Messages response."""
+    for block in value.get("content") or []:
+        if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+            yield block["text"]
+
+
+def anthropic_texts(events: Iterable[ServerEvent]) -> Iterator[str]:
     """The reply text in an Anthropic event stream, up to ``message_stop``."""
     for event in events:
         if not event.data.strip():
             continue
-        value = _json_event(provider, event.data)
+        value = _json_event(event.data)
         kind = value.get("type", event.event)
         if kind == "content_block_delta":
             delta = value.get("delta")
@@ -1558,11 +1618,66 @@ def anthropic_texts(provider: Provider, events: Iterable[ServerEvent]) -> Iterat
         elif kind == "message_stop":
             return
         elif kind == "error":
-            raise _stream_error(provider, value)
-    raise _missing_end(provider, "message_stop")
+            raise _reported_error(value)
+    raise ProviderFault("ended the reply before message_stop")
 
 
-def stream_echo(provider: Provider, request: ChatRequest) -> Iterator[str]:
+# -- one skeleton for every protocol -------------------------------------------------
+
+
+class ChatProtocol(namedtuple("ChatProtocol", "path headers payload body events")):
+    """How one wire protocol chats: the endpoint's ``path``; ``headers(provider)``
+    and ``payload(provider, request)`` make the request; ``body(value)`` reads a
+    whole JSON reply and ``events(events)`` a stream, each yielding reply text."""
+
+    __slots__ = ()
+
+
+PROTOCOLS: Mapping[str, ChatProtocol] = MappingProxyType({
+    "openai": ChatProtocol("/chat/completions", openai_headers, openai_payload,
+                           openai_body, openai_texts),
+    "anthropic": ChatProtocol("/v1/messages", anthropic_headers, anthropic_payload,
+                              anthropic_body, anthropic_texts),
+})
+
+
+def stream_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
+    """The provider's reply to ``request``, piece by piece, as it arrives.
+
+    The one entry point to every protocol.  Connection errors and the
+    RETRY_STATUSES are retried up to MAX_RETRIES times, also a connection that
+    drops before the first piece, but never once a piece is out.  Every
+    ProviderFault below leaves as a ProviderError naming the provider.
+    """
+    if provider.kind == "echo":
+        yield from echo_reply(request)
+        return
+    protocol = PROTOCOLS[provider.kind]
+    payload = protocol.payload(provider, request)
+    try:
+        for attempt in itertools.count():
+            started = False
+            try:
+                response = send_request(provider, "POST", protocol.path,
+                                        protocol.headers(provider), payload,
+                                        request.timeout, request.stream)
+                if _response_kind(response) == "json":
+                    pieces = protocol.body(read_json_body(response, request.timeout))
+                else:
+                    pieces = protocol.events(iter_events(response, request.timeout))
+                for piece in pieces:
+                    started = True
+                    yield piece
+                return
+            except _Retry as retry:
+                if started or attempt >= MAX_RETRIES:
+                    raise retry.fault from None
+                time.sleep(retry_delay(attempt, retry.headers))
+    except ProviderFault as fault:
+        raise ProviderError(f"{provider.name} {fault}") from None
+
+
+def echo_reply(request: ChatRequest) -> Iterator[str]:
     """The last user message back, a word at a time (large ones in pieces)."""
     text = next((c for r, c in reversed(request.messages) if r == "user"), "")
     if len(text) > 65536:
@@ -1572,20 +1687,173 @@ def stream_echo(provider: Provider, request: ChatRequest) -> Iterator[str]:
     yield from re.findall(r"\s*\S+\s*|\s+", text)
 
 
-CLIENTS: Mapping[str, Callable[[Provider, ChatRequest], Iterator[str]]] = MappingProxyType({
-    "openai": stream_openai_chat,
-    "anthropic": stream_anthropic_chat,
-    "echo": stream_echo,
-})
-
-
 # ---------------------------------------------------------------------------
 # 6. Chat flow
 #
-# One turn: commit the user message, send the conversation, stream the reply
-# to ``out`` as it arrives, keep the reply -- also a partial one when the
-# user presses Ctrl-C or the provider fails mid-reply.
+# From a ChatPlan (what the command line asks) to a Conversation: the session,
+# its history, the provider and the request options.  ``Conversation.send``
+# is one turn: commit the user message, stream the reply to ``out`` as it
+# arrives, keep the reply -- also a partial one when the user presses Ctrl-C
+# or the provider fails mid-reply.  It writes only the reply to ``out``.
 # ---------------------------------------------------------------------------
+
+
+LATEST_SESSION = object()  # ChatPlan.session for -C: the most recently updated one
+
+
+class ChatPlan(namedtuple("ChatPlan", "session provider model system_prompt name stream")):
+    """What the command line asks of a chat, read once from its flags.
+
+    ``session`` is an ID as the user typed it, LATEST_SESSION, or None for a
+    new session; ``provider`` and ``model`` are names or None (the defaults);
+    ``system_prompt`` and ``name`` (str or None) shape a new session;
+    ``stream`` is a bool.
+    """
+
+    __slots__ = ()
+
+
+_UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
+
+
+def resolve_session_id(store: SqliteStore, text: str) -> uuid.UUID:
+    """The one parser of IDs the user types: a full UUID or a unique prefix
+    of 4+ hex digits, hyphens optional, any case."""
+    compact = text.strip().replace("-", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{4,32}", compact):
+        raise UsageError(f"'{text}' is not a session ID; give a UUID or at least "
+                         f"4 of its leading hex characters")
+    if len(compact) == 32:
+        return parse_uuid(compact)
+    prefix = "-".join(compact[a:b] for a, b in _UUID_PIECES if compact[a:b])
+    matches = store.find_session_ids(prefix, limit=11)
+    if not matches:
+        raise SessionNotFound(text)
+    if len(matches) > 1:
+        raise AmbiguousSessionID(text, matches[:10] + (["..."] if len(matches) > 10 else []))
+    return parse_uuid(matches[0])
+
+
+def load_session(store: SqliteStore, text: object) -> Session:
+    """The session the user named: an ID text, or LATEST_SESSION."""
+    if text is LATEST_SESSION:
+        latest = store.list_sessions(limit=1)
+        if not latest:
+            raise SessionNotFound(None, "there is no session to continue; start one with "
+                                        "synapse \"MESSAGE\"")
+        session_id = latest[0].id
+    else:
+        session_id = resolve_session_id(store, str(text))
+    session = store.get_session(session_id)
+    if session is None:
+        raise SessionNotFound(text)
+    return session
+
+
+def open_store(config: Config) -> SqliteStore:
+    """The store SPEC §4 places: ``SYNAPSE_DATABASE_URL``, else the config's."""
+    return SqliteStore(database_path(None, os.environ, config.session.database_url))
+
+
+class Conversation:
+    """A session as the chat flow holds it: its record, its messages so far,
+    the provider in force and the request options.
+
+    A new session is stored together with its first message, in one
+    transaction: until then ``stored`` is False.
+    """
+
+    def __init__(self, store: SqliteStore, session: Session, history: List[StoredMessage],
+                 provider: Provider, config: Config, stream: bool, stored: bool):
+        self.store, self.session, self.history = store, session, history
+        self.provider, self.config, self.stream, self.stored = provider, config, stream, stored
+
+    def __enter__(self) -> "Conversation":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.store.close()
+
+    def start_new(self, system_prompt: Optional[str], name: Optional[str]) -> None:
+        """Go on in a new session (stored with its first message)."""
+        self.session = Session.new(self.provider.name, self.provider.model, system_prompt, name)
+        self.history, self.stored = [], False
+
+    def request(self) -> ChatRequest:
+        config = self.config
+        return ChatRequest(self.session.system_prompt,
+                           [(m.role.value, m.content) for m in self.history if m.role != Role.SYSTEM],
+                           config.max_tokens, config.temperature, config.timeout, self.stream)
+
+    def send(self, text: str, out: TextIO) -> str:
+        """SPEC §6 steps 6 to 9: store ``text``, stream the reply to ``out``,
+        store the reply -- what arrived of it, whatever ends the stream."""
+        self._keep(StoredMessage.new(self.session.id, Role.USER, text))  # before the network
+        pieces: List[str] = []
+        complete = False
+        try:
+            for piece in stream_chat(self.provider, self.request()):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+            complete = True
+        except ProviderError as exc:
+            if pieces:
+                raise ProviderError(f"{exc}; the partial reply was kept") from None
+            raise
+        finally:
+            reply = "".join(pieces)
+            if reply:
+                self._keep(StoredMessage.new(self.session.id, Role.ASSISTANT, reply))
+            if reply or complete:  # the line ends before any error is shown
+                out.write("\n")
+                out.flush()
+        return reply
+
+    def _keep(self, message: StoredMessage) -> None:
+        if self.stored:
+            self.store.add_message(message)
+        else:
+            self.store.create_session(self.session, [message])
+            self.stored = True
+        self.history.append(message)
+
+
+def open_conversation(plan: ChatPlan, config: Config) -> Conversation:
+    """SPEC §6 steps 1 and 3 to 5: the provider, the store, the automatic
+    cleanup, and the session to talk in, continued or new."""
+    if plan.session is None:
+        # Resolved before the store opens: a missing key leaves no trace.
+        provider = resolve_provider(config, plan.provider, plan.model)
+        store = open_store(config)
+        with _closed_on_error(store):
+            if config.session.auto_cleanup:
+                store.cleanup(config.session)
+        session = Session.new(provider.name, provider.model,
+                              plan.system_prompt or config.system_prompt, plan.name)
+        return Conversation(store, session, [], provider, config, plan.stream, stored=False)
+    store = open_store(config)
+    with _closed_on_error(store):
+        session = load_session(store, plan.session)
+        # -p without -m: that provider's own model, not the session's.
+        provider = resolve_provider(config, plan.provider or session.provider,
+                                    plan.model or (None if plan.provider else session.model))
+        if config.session.auto_cleanup:
+            store.cleanup(config.session, protect=session.id)
+        if (provider.name, provider.model) != (session.provider, session.model):
+            store.switch_model(session.id, provider.name, provider.model)
+            session = session._replace(provider=provider.name, model=provider.model)
+        return Conversation(store, session, store.get_messages(session.id), provider, config,
+                            plan.stream, stored=True)
+
+
+@contextlib.contextmanager
+def _closed_on_error(store: SqliteStore) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        store.close()
+        raise
 
 
 def clean_text(text: str) -> str:
@@ -1608,62 +1876,13 @@ def read_message(argument: Optional[str], stdin: Optional[TextIO]) -> str:
     return message
 
 
-def build_request(session: Session, history: Sequence[StoredMessage], config: Config,
-                  stream: bool) -> ChatRequest:
-    return ChatRequest(
-        system_prompt=session.system_prompt,
-        messages=[(m.role.value, m.content) for m in history if m.role != Role.SYSTEM],
-        max_tokens=config.max_tokens, temperature=config.temperature,
-        timeout=config.timeout, stream=stream)
-
-
-def run_turn(store: SqliteStore, session: Session, history: List[StoredMessage], text: str,
-             provider: Provider, config: Config, out: TextIO, stream: bool = True) -> str:
-    """Store ``text``, stream the reply to ``out``, store the reply.
-
-    ``history`` (the session's messages so far) grows by the turn's messages.
-    On any exception mid-reply the text that arrived is stored before the
-    exception goes on.
-    """
-    user_message = StoredMessage.new(session.id, Role.USER, text)
-    store.add_message(user_message)  # committed before any network call
-    history.append(user_message)
-    pieces: List[str] = []
-
-    def keep_reply() -> None:
-        reply = "".join(pieces)
-        if reply:
-            assistant = StoredMessage.new(session.id, Role.ASSISTANT, reply)
-            store.add_message(assistant)
-            history.append(assistant)
-
-    try:
-        for piece in CLIENTS[provider.kind](provider, build_request(session, history, config, stream)):
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-    except BaseException as exc:
-        try:
-            if pieces:
-                out.write("\n")
-                out.flush()
-        finally:
-            keep_reply()
-        if pieces and isinstance(exc, ProviderError):
-            raise ProviderError(f"{exc}; the partial reply was kept") from None
-        raise
-    out.write("\n")
-    out.flush()
-    keep_reply()
-    return "".join(pieces)
-
-
 # ---------------------------------------------------------------------------
 # 7. Command line
 #
 # argparse for ``synapse [OPTIONS] [MESSAGE]`` and ``synapse sessions ...``,
-# the handlers, and interactive mode.  Handlers return an exit code or raise
-# a SynapseError; they print, nothing below them does.
+# the handlers, and interactive mode.  Handlers return an exit status or
+# raise a SynapseError; they print, and what they call above prints only the
+# reply (``Conversation.send``) and config warnings.
 # ---------------------------------------------------------------------------
 
 
@@ -1691,8 +1910,8 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 Ctrl-C.
 
 def terminal_columns(default: int) -> int:
     """Columns of the terminal on stdout, as ``shutil.get_terminal_size`` finds
-    them, without importing ``shutil`` (and with it ``bz2`` and ``lzma``): that
-    import is a tenth of the start-up budget."""
+    them, without importing ``shutil`` (and with it ``bz2`` and ``lzma``), a
+    sizeable part of the start-up budget."""
     try:
         columns = int(os.environ.get("COLUMNS", ""))
     except ValueError:
@@ -1821,45 +2040,12 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
         return build_sessions_parser().parse_args([*argv[position + 1:], *argv[:position]])
     parser = build_chat_parser()
     args = parser.parse_args(argv)
-    args.handler = command_chat
+    args.handler = command_repl if args.repl else command_chat
     args.parser = parser
     return args
 
 
 # -- shared helpers ----------------------------------------------------------
-
-
-def open_store(config: Config) -> SqliteStore:
-    return create_storage(config.session.database_url)
-
-
-_UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
-
-
-def resolve_session_id(store: SqliteStore, text: str) -> uuid.UUID:
-    """A full UUID or a unique prefix of 4+ hex digits, hyphens optional."""
-    compact = text.strip().replace("-", "").lower()
-    if not re.fullmatch(r"[0-9a-f]{4,32}", compact):
-        raise UsageError(f"'{text}' is not a session ID; give a UUID or at least "
-                         f"4 of its leading hex characters")
-    if len(compact) == 32:
-        return to_uuid(compact)
-    prefix = "-".join(compact[a:b] for a, b in _UUID_PIECES if compact[a:b])
-    matches = store.find_session_ids(prefix, limit=11)
-    if not matches:
-        raise SessionNotFound(text)
-    if len(matches) > 1:
-        raise AmbiguousSessionID(text, matches[:10] + (["..."] if len(matches) > 10 else []))
-    return to_uuid(matches[0])
-
-
-def load_session(store: SqliteStore, text: str) -> Session:
-    session = store.get_session(resolve_session_id(store, text))
-    if session is None:
-        raise SessionNotFound(text)
-    return session
-
-
 def local_time(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
@@ -1950,7 +2136,7 @@ def command_delete(args: argparse.Namespace, config: Config) -> int:
                 if not store.delete_session(session_id):
                     raise SessionNotFound(text)
             except (UsageError, SessionNotFound, AmbiguousSessionID) as exc:
-                report_error(str(exc), ())
+                report_error(str(exc), config)
                 worst = max(worst, exc.exit_code)
                 continue
             print(f"Deleted session {session_id}")
@@ -2021,7 +2207,7 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
 def command_cleanup(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         if args.dry_run:
-            result, doomed = store.preview_cleanup(config.session)
+            result, doomed = store.choose_cleanup(config.session)
         else:
             result, doomed = store.cleanup(config.session), []
     counts = (f"{result.sessions_deleted} sessions ({result.by_max_limit} over max_sessions, "
@@ -2035,73 +2221,31 @@ def command_cleanup(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-# -- chat --------------------------------------------------------------------------
+# -- chat ----------------------------------------------------------------------
+
+
+def chat_plan(args: argparse.Namespace) -> ChatPlan:
+    """The chat flags, read once."""
+    session = args.session or (LATEST_SESSION if args.continue_latest else None)
+    if session is not None and (args.system or args.name):
+        warn("--system and --name apply to new sessions; ignored when continuing")
+    return ChatPlan(session, args.provider, args.model,
+                    clean_text(args.system) if args.system else None,
+                    clean_text(args.name) if args.name else None, not args.no_stream)
 
 
 def command_chat(args: argparse.Namespace, config: Config) -> int:
-    stdin = sys.stdin
-    if args.repl:
-        return run_repl(args, config)
-    if not args.message and (stdin is None or stdin.isatty()):
+    """One turn: ``synapse [OPTIONS] MESSAGE``."""
+    if not args.message and (sys.stdin is None or sys.stdin.isatty()):
         args.parser.print_help()
-        return 0
-    continuing = bool(args.session or args.continue_latest)
-    provider = provider_from_flags(args, config)
-    message = read_message(" ".join(args.message) if args.message else None, stdin)
-
-    with open_store(config) as store:
-        session, provider, history = start_session(store, args, config, provider)
-        run_turn(store, session, history, message, provider, config, sys.stdout,
-                 stream=not args.no_stream)
-    if not continuing and sys.stderr.isatty():
-        print(f"session: {session.id}", file=sys.stderr)
-    return 0
-
-
-def provider_from_flags(args: argparse.Namespace, config: Config) -> Optional[Provider]:
-    """The provider ``-p``/``-m`` and the config choose, resolved before anything is
-    read or written, so that a missing key leaves no trace; None when continuing
-    a session without ``-p``: its provider comes from the store."""
-    if (args.session or args.continue_latest) and not args.provider:
-        return None
-    return resolve_provider(config, args.provider, args.model)
-
-
-def start_session(store: SqliteStore, args: argparse.Namespace, config: Config,
-                  provider: Optional[Provider]) -> Tuple[Session, Provider, List[StoredMessage]]:
-    """Steps 4 and 5 of the chat flow: cleanup, then the session to talk in."""
-    session: Optional[Session] = None
-    if args.session:
-        session = load_session(store, args.session)
-    elif args.continue_latest:
-        latest = store.list_sessions(limit=1)
-        if not latest:
-            raise SessionNotFound(None, "there is no session to continue; start one with "
-                                        "synapse \"MESSAGE\"")
-        session = store.get_session(latest[0].id)
-    if session is not None and provider is None:
-        provider = resolve_provider(config, session.provider, args.model or session.model)
-    assert provider is not None
-    if session is not None and (args.system or args.name):
-        warn("--system and --name apply to new sessions; ignored when continuing")
-    if config.session.auto_cleanup:
-        store.cleanup(config.session, protect=session.id if session else None)
-    if session is None:
-        return create_session(store, args, config, provider), provider, []
-    if (provider.name, provider.model) != (session.provider, session.model):
-        store.switch_model(session.id, provider.name, provider.model)
-        session = session._replace(provider=provider.name, model=provider.model)
-    return session, provider, store.get_messages(session.id)
-
-
-def create_session(store: SqliteStore, args: argparse.Namespace, config: Config,
-                   provider: Provider) -> Session:
-    """A new session with the provider, model, system prompt and name in force."""
-    system_prompt = clean_text(args.system) if args.system else config.system_prompt
-    session = Session.new(provider.name, provider.model, system_prompt,
-                          clean_text(args.name) if args.name else None)
-    store.create_session(session)
-    return session
+        return EXIT_OK
+    plan = chat_plan(args)
+    message = read_message(" ".join(args.message) if args.message else None, sys.stdin)
+    with open_conversation(plan, config) as conversation:
+        conversation.send(message, sys.stdout)
+    if plan.session is None and sys.stderr.isatty():
+        print(f"session: {conversation.session.id}", file=sys.stderr)
+    return EXIT_OK
 
 
 # -- interactive mode --------------------------------------------------------------
@@ -2156,76 +2300,68 @@ def _read_line(interactive: bool) -> Optional[str]:
         return None
 
 
-def _repl_command(command: str, session: Optional[Session]) -> bool:
-    """Run a /command; True when it starts a new session."""
-    if command == "/help":
-        print(REPL_HELP)
-    elif command == "/session":
-        print(session.id if session else "no session yet: it starts with your first message")
-    elif command == "/new":
-        if session is not None:
-            print(f"session: {session.id}", file=sys.stderr)
-        print("Started a new session.", file=sys.stderr)
-        return True
-    else:
-        print(f"synapse: error: unknown command {command}; /help lists them", file=sys.stderr)
-    return False
-
-
-def run_repl(args: argparse.Namespace, config: Config) -> int:
-    """Interactive mode: one stored session, a turn per line."""
+def command_repl(args: argparse.Namespace, config: Config) -> int:
+    """Interactive mode: ``synapse -r``, a turn per line, in one session."""
     if sys.stdin is None:
         raise UsageError("interactive mode needs standard input")
     if args.message:
         raise UsageError("interactive mode takes no MESSAGE; type it at the prompt")
+    plan = chat_plan(args)
     interactive = sys.stdin.isatty()
     if not interactive:
         sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
-    continuing = bool(args.session or args.continue_latest)
-    provider = provider_from_flags(args, config)
-    session: Optional[Session] = None
-    history: List[StoredMessage] = []
-    with open_store(config) as store:
-        if continuing:
-            session, provider, history = start_session(store, args, config, provider)
-        elif config.session.auto_cleanup:
-            store.cleanup(config.session)
-        assert provider is not None
-        history_file = _open_history(store.path) if interactive else None
+    with open_conversation(plan, config) as conversation:
+        history_file = _open_history(conversation.store.path) if interactive else None
         if interactive:
-            print(f"synapse {__version__}: {provider.name}/{provider.model}. "
-                  f"/help for commands, Ctrl-D to leave.", file=sys.stderr)
+            print(f"synapse {__version__}: {conversation.provider.name}/"
+                  f"{conversation.provider.model}. /help for commands, Ctrl-D to leave.",
+                  file=sys.stderr)
         try:
-            while True:
-                line = _read_line(interactive)
-                if line is None:
-                    break
-                text = clean_text(line).strip()
-                if not text:
-                    continue
-                if text in ("/exit", "/quit"):
-                    break
-                if text.startswith("/") and " " not in text:
-                    if _repl_command(text, session):
-                        session, history = None, []
-                    continue
-                if session is None:
-                    session = create_session(store, args, config, provider)
-                try:
-                    run_turn(store, session, history, text, provider, config, sys.stdout,
-                             stream=not args.no_stream)
-                except KeyboardInterrupt:
-                    print("(reply stopped; what arrived was kept)", file=sys.stderr)
-                except ProviderError as exc:  # the next turn may go through
-                    report_error(str(exc), known_secrets(config, os.environ))
-        except KeyboardInterrupt:  # at the prompt: leave
-            print(file=sys.stderr)
-            return 130
+            _repl_loop(conversation, plan, config, interactive)
         finally:
             _save_history(history_file)
-            if session is not None:
-                print(f"session: {session.id}", file=sys.stderr)
-    return 0
+            if conversation.stored:
+                print(f"session: {conversation.session.id}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
+               interactive: bool) -> None:
+    """Read and send lines until /exit or the end of input.  Ctrl-C at the
+    prompt goes on to ``main``, as everywhere."""
+    while True:
+        line = _read_line(interactive)
+        if line is None:
+            return
+        text = clean_text(line).strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text.startswith("/") and " " not in text:
+            _repl_command(text, conversation, plan)
+            continue
+        try:
+            conversation.send(text, sys.stdout)
+        except KeyboardInterrupt:
+            print("(reply stopped; what arrived was kept)", file=sys.stderr)
+        except ProviderError as exc:  # the next turn may go through
+            report_error(str(exc), config)
+
+
+def _repl_command(command: str, conversation: Conversation, plan: ChatPlan) -> None:
+    if command == "/help":
+        print(REPL_HELP)
+    elif command == "/session":
+        print(conversation.session.id if conversation.stored
+              else "no session yet: it starts with your first message")
+    elif command == "/new":
+        if conversation.stored:
+            print(f"session: {conversation.session.id}", file=sys.stderr)
+        conversation.start_new(plan.system_prompt or conversation.config.system_prompt, plan.name)
+        print("Started a new session.", file=sys.stderr)
+    else:
+        print(f"synapse: error: unknown command {command}; /help lists them", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -2233,8 +2369,10 @@ def run_repl(args: argparse.Namespace, config: Config) -> int:
 # ---------------------------------------------------------------------------
 
 
-def report_error(message: str, secrets: Sequence[str]) -> None:
-    """The one error line (and, with SYNAPSE_DEBUG, the traceback), keys redacted."""
+def report_error(message: str, config: Optional[Config]) -> None:
+    """The one error line (and, with SYNAPSE_DEBUG, the traceback), with every
+    key that ``config`` or the environment holds redacted."""
+    secrets = known_secrets(config, os.environ)
     if os.environ.get("SYNAPSE_DEBUG"):
         import traceback
 
@@ -2243,7 +2381,7 @@ def report_error(message: str, secrets: Sequence[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one synapse command; returns its exit code (SPEC §2)."""
+    """Run one synapse command; returns its exit status (SPEC §2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config: Optional[Config] = None
     try:
@@ -2251,21 +2389,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = load_config(args.config)
         return args.handler(args, config)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except SynapseError as exc:
-        report_error(str(exc), known_secrets(config, os.environ))
+        report_error(str(exc), config)
         return exc.exit_code
     except BrokenPipeError:
         # The reader went away (synapse ... | head): not worth a message.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILURE
     except Exception as exc:  # a bug: still one line, traceback on request
         report_error(f"unexpected {type(exc).__name__}: {exc} (run with SYNAPSE_DEBUG=1 "
-                     f"for a traceback and report it)", known_secrets(config, os.environ))
-        return 1
+                     f"for a traceback and report it)", config)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
