@@ -876,6 +876,124 @@ _SESSION_COLUMNS = "id, name, provider, model, system_prompt, created_at, update
 _MESSAGE_COLUMNS = "id, session_id, role, content, timestamp"
 
 
+def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
+    """Set a session's ``updated_at`` to now (and ``columns``); SessionNotFound if absent."""
+    assignments = "".join(f", {name} = ?" for name in columns)
+    cursor = conn.execute(f"UPDATE sessions SET updated_at = ?{assignments} WHERE id = ?",
+                          (format_timestamp(utc_now()), *columns.values(), session_key))
+    if cursor.rowcount == 0:
+        raise SessionNotFound(session_key)
+
+
+def _insert_messages(conn: sqlite3.Connection, messages: Iterable[StoredMessage]) -> None:
+    conn.executemany(
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+        [(_key(m.id), _key(m.session_id), Role(m.role).value, m.content,
+          format_timestamp(m.timestamp)) for m in messages])
+
+
+# A search word common in a long history matches thousands of sessions; a
+# terminal wants the newest few.
+SEARCH_DEFAULT_LIMIT = 50
+# The work (thousands of SQLite steps: some thousands of sessions) a limited
+# search spends walking sessions newest first before it falls back to one
+# scan of every message.
+SEARCH_WALK_BUDGET = 300
+
+
+def _casefold_contains(content: Optional[str], needle: str) -> bool:
+    return content is not None and needle in content.casefold()
+
+
+def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID]
+                     ) -> Tuple[int, List[Tuple[str, str, Mapping[str, object]]]]:
+    """How many sessions there are, and the queries that choose what a cleanup
+    deletes: (reason, a SELECT of the doomed sessions' ``id, updated_at``, its
+    parameters)."""
+    cutoff = ""  # every stored timestamp sorts after it
+    if config.retention_days > 0:
+        cutoff = format_timestamp(utc_now() - timedelta(days=config.retention_days))
+    params: Dict[str, object] = {"keep": _key(protect) if protect is not None else "",
+                                 "cutoff": cutoff}
+    past_retention = "SELECT id, updated_at FROM sessions WHERE updated_at < :cutoff AND id != :keep"
+    choices = [("retention", past_retention, params)]
+    total = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    if config.max_sessions > 0:
+        expired = conn.execute(f"SELECT count(*) FROM ({past_retention})", params).fetchone()[0]
+        excess = total - expired - config.max_sessions
+        if excess > 0:
+            choices.append(("max", "SELECT id, updated_at FROM sessions"
+                            " WHERE updated_at >= :cutoff AND id != :keep"
+                            " ORDER BY updated_at, created_at, rowid LIMIT :excess",
+                            {**params, "excess": excess}))
+    return total, choices
+
+
+def _cleanup_result(counts: Mapping[str, int]) -> CleanupResult:
+    by_max, by_retention = counts.get("max", 0), counts.get("retention", 0)
+    return CleanupResult(by_max + by_retention, by_max, by_retention)
+
+
+# A cleanup deleting at least this many sessions, and at least a fifth of all
+# of them, takes the bulk path of _delete_doomed.
+BULK_CLEANUP_MIN = 1000
+BULK_CLEANUP_SHARE = 5
+# The page cache of that bulk path, KiB (SQLite's default is 2,000): while the
+# indexes are rebuilt (sorting takes as much again), then for the last deletes,
+# which look up sessions in random order.
+BULK_CLEANUP_CACHE_KIB = 8000
+BULK_CLEANUP_LOOKUP_CACHE_KIB = 16000
+
+
+def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
+    """Delete the sessions listed in the temp table ``doomed`` and all their
+    messages (foreign keys are off: this is what keeps them whole).
+
+    What makes a large cleanup slow is the two indexes on messages, above all
+    ``idx_messages_session``: session IDs are random, so the doomed sessions'
+    entries are spread over all of it, and deleting them row by row rewrites
+    every page of it in random order.  On the bulk path both indexes are
+    dropped and rebuilt afterwards from what remains, each in one sorted pass.
+    Meanwhile the doomed messages are found by rowid: rowids grow with time,
+    and a message is normally no newer than its session's ``updated_at``, so
+    they lie at or before the last rowid stamped up to the newest doomed
+    session.  The few that do not (a message stamped later than its session,
+    possible through the API) go in a last pass through the rebuilt index.
+    It is all one transaction: no other connection ever sees an index missing.
+    """
+    indexes = dict(conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+        " AND name IN ('idx_messages_session', 'idx_messages_timestamp')")) if bulk else {}
+    (cache_size,) = conn.execute("PRAGMA cache_size").fetchone()
+    try:
+        if len(indexes) == 2:  # not when someone took an index from the database
+            conn.execute(f"PRAGMA cache_size = -{BULK_CLEANUP_CACHE_KIB}")
+            (last,) = conn.execute(
+                "SELECT max(rowid) FROM messages INDEXED BY idx_messages_timestamp"
+                " WHERE timestamp <= (SELECT max(updated_at) FROM doomed)").fetchone()
+            for name in indexes:
+                conn.execute(f"DROP INDEX {name}")
+            conn.execute("DELETE FROM messages NOT INDEXED"
+                         " WHERE rowid <= ? AND session_id IN (SELECT id FROM doomed)", (last or 0,))
+            for sql in indexes.values():
+                conn.execute(sql)
+            conn.execute(f"PRAGMA cache_size = -{BULK_CLEANUP_LOOKUP_CACHE_KIB}")
+        # All of a small cleanup; after the bulk path, only the stragglers.
+        conn.execute("DELETE FROM messages WHERE session_id IN (SELECT id FROM doomed)")
+        conn.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM doomed)")
+    finally:
+        conn.execute(f"PRAGMA cache_size = {cache_size}")
+
+
+def make_snippet(content: str, needle: str, width: int = 70) -> str:
+    """About ``width`` characters of ``content`` around the first ``needle``."""
+    at = content.casefold().find(needle.casefold())
+    at = max(at, 0)
+    start = max(0, at - (width - len(needle)) // 2)
+    piece = " ".join(content[start:start + width].split())
+    return ("\u2026" if start > 0 else "") + piece + ("\u2026" if start + width < len(content) else "")
+
+
 class SqliteStore:
     """The SessionStore on one SQLite file."""
 
@@ -1075,124 +1193,6 @@ class SqliteStore:
                     raise
         finally:
             self._conn.set_progress_handler(None, 0)
-
-
-def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
-    """Set a session's ``updated_at`` to now (and ``columns``); SessionNotFound if absent."""
-    assignments = "".join(f", {name} = ?" for name in columns)
-    cursor = conn.execute(f"UPDATE sessions SET updated_at = ?{assignments} WHERE id = ?",
-                          (format_timestamp(utc_now()), *columns.values(), session_key))
-    if cursor.rowcount == 0:
-        raise SessionNotFound(session_key)
-
-
-def _insert_messages(conn: sqlite3.Connection, messages: Iterable[StoredMessage]) -> None:
-    conn.executemany(
-        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-        [(_key(m.id), _key(m.session_id), Role(m.role).value, m.content,
-          format_timestamp(m.timestamp)) for m in messages])
-
-
-# A search word common in a long history matches thousands of sessions; a
-# terminal wants the newest few.
-SEARCH_DEFAULT_LIMIT = 50
-# The work (thousands of SQLite steps: some thousands of sessions) a limited
-# search spends walking sessions newest first before it falls back to one
-# scan of every message.
-SEARCH_WALK_BUDGET = 300
-
-
-def _casefold_contains(content: Optional[str], needle: str) -> bool:
-    return content is not None and needle in content.casefold()
-
-
-def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID]
-                     ) -> Tuple[int, List[Tuple[str, str, Mapping[str, object]]]]:
-    """How many sessions there are, and the queries that choose what a cleanup
-    deletes: (reason, a SELECT of the doomed sessions' ``id, updated_at``, its
-    parameters)."""
-    cutoff = ""  # every stored timestamp sorts after it
-    if config.retention_days > 0:
-        cutoff = format_timestamp(utc_now() - timedelta(days=config.retention_days))
-    params: Dict[str, object] = {"keep": _key(protect) if protect is not None else "",
-                                 "cutoff": cutoff}
-    past_retention = "SELECT id, updated_at FROM sessions WHERE updated_at < :cutoff AND id != :keep"
-    choices = [("retention", past_retention, params)]
-    total = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
-    if config.max_sessions > 0:
-        expired = conn.execute(f"SELECT count(*) FROM ({past_retention})", params).fetchone()[0]
-        excess = total - expired - config.max_sessions
-        if excess > 0:
-            choices.append(("max", "SELECT id, updated_at FROM sessions"
-                            " WHERE updated_at >= :cutoff AND id != :keep"
-                            " ORDER BY updated_at, created_at, rowid LIMIT :excess",
-                            {**params, "excess": excess}))
-    return total, choices
-
-
-def _cleanup_result(counts: Mapping[str, int]) -> CleanupResult:
-    by_max, by_retention = counts.get("max", 0), counts.get("retention", 0)
-    return CleanupResult(by_max + by_retention, by_max, by_retention)
-
-
-# A cleanup deleting at least this many sessions, and at least a fifth of all
-# of them, takes the bulk path of _delete_doomed.
-BULK_CLEANUP_MIN = 1000
-BULK_CLEANUP_SHARE = 5
-# The page cache of that bulk path, KiB (SQLite's default is 2,000): while the
-# indexes are rebuilt (sorting takes as much again), then for the last deletes,
-# which look up sessions in random order.
-BULK_CLEANUP_CACHE_KIB = 8000
-BULK_CLEANUP_LOOKUP_CACHE_KIB = 16000
-
-
-def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
-    """Delete the sessions listed in the temp table ``doomed`` and all their
-    messages (foreign keys are off: this is what keeps them whole).
-
-    What makes a large cleanup slow is the two indexes on messages, above all
-    ``idx_messages_session``: session IDs are random, so the doomed sessions'
-    entries are spread over all of it, and deleting them row by row rewrites
-    every page of it in random order.  On the bulk path both indexes are
-    dropped and rebuilt afterwards from what remains, each in one sorted pass.
-    Meanwhile the doomed messages are found by rowid: rowids grow with time,
-    and a message is normally no newer than its session's ``updated_at``, so
-    they lie at or before the last rowid stamped up to the newest doomed
-    session.  The few that do not (a message stamped later than its session,
-    possible through the API) go in a last pass through the rebuilt index.
-    It is all one transaction: no other connection ever sees an index missing.
-    """
-    indexes = dict(conn.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
-        " AND name IN ('idx_messages_session', 'idx_messages_timestamp')")) if bulk else {}
-    (cache_size,) = conn.execute("PRAGMA cache_size").fetchone()
-    try:
-        if len(indexes) == 2:  # not when someone took an index from the database
-            conn.execute(f"PRAGMA cache_size = -{BULK_CLEANUP_CACHE_KIB}")
-            (last,) = conn.execute(
-                "SELECT max(rowid) FROM messages INDEXED BY idx_messages_timestamp"
-                " WHERE timestamp <= (SELECT max(updated_at) FROM doomed)").fetchone()
-            for name in indexes:
-                conn.execute(f"DROP INDEX {name}")
-            conn.execute("DELETE FROM messages NOT INDEXED"
-                         " WHERE rowid <= ? AND session_id IN (SELECT id FROM doomed)", (last or 0,))
-            for sql in indexes.values():
-                conn.execute(sql)
-            conn.execute(f"PRAGMA cache_size = -{BULK_CLEANUP_LOOKUP_CACHE_KIB}")
-        # All of a small cleanup; after the bulk path, only the stragglers.
-        conn.execute("DELETE FROM messages WHERE session_id IN (SELECT id FROM doomed)")
-        conn.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM doomed)")
-    finally:
-        conn.execute(f"PRAGMA cache_size = {cache_size}")
-
-
-def make_snippet(content: str, needle: str, width: int = 70) -> str:
-    """About ``width`` characters of ``content`` around the first ``needle``."""
-    at = content.casefold().find(needle.casefold())
-    at = max(at, 0)
-    start = max(0, at - (width - len(needle)) // 2)
-    piece = " ".join(content[start:start + width].split())
-    return ("\u2026" if start > 0 else "") + piece + ("\u2026" if start + width < len(content) else "")
 
 
 def create_storage(database_url: Optional[str] = None) -> SqliteStore:
@@ -1949,6 +1949,22 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(2, f"synapse: error: {message}\n")
 
 
+def _add_config_option(parser: argparse.ArgumentParser, default: object = None) -> None:
+    parser.add_argument("-c", "--config", metavar="PATH", default=default,
+                        help="config file (default: $SYNAPSE_CONFIG, then "
+                             "$XDG_CONFIG_HOME/synapse/config.toml)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def build_chat_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog="synapse", description="Chat with large language models from the terminal; "
@@ -1971,12 +1987,6 @@ def build_chat_parser() -> argparse.ArgumentParser:
     _add_config_option(parser)
     parser.add_argument("-V", "--version", action="version", version=f"synapse {__version__}")
     return parser
-
-
-def _add_config_option(parser: argparse.ArgumentParser, default: object = None) -> None:
-    parser.add_argument("-c", "--config", metavar="PATH", default=default,
-                        help="config file (default: $SYNAPSE_CONFIG, then "
-                             "$XDG_CONFIG_HOME/synapse/config.toml)")
 
 
 def build_sessions_parser() -> argparse.ArgumentParser:
@@ -2017,16 +2027,6 @@ def build_sessions_parser() -> argparse.ArgumentParser:
                       "delete sessions past retention_days or over max_sessions now")
     cleanup.add_argument("--dry-run", action="store_true", help="delete nothing; say what would go")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
