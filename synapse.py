@@ -7,7 +7,8 @@ conversation can be listed, read, searched, exported and continued later.
 
 The module reads top to bottom in the order data flows:
 
-1. errors             -- one exception hierarchy; the exit statuses
+1. errors, streams    -- one exception hierarchy, the exit statuses, and the
+                         two writers every message goes through
 2. data types         -- roles, sessions, messages, cleanup records
 3. configuration      -- the TOML file, providers and where the database is
 4. storage            -- the SessionStore protocol, migrations, SqliteStore
@@ -51,6 +52,7 @@ from typing import (
     TYPE_CHECKING,
     TextIO,
     Tuple,
+    Union,
 )
 
 if TYPE_CHECKING:  # uuid itself is imported where IDs are made or read (section 2)
@@ -62,11 +64,12 @@ SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.s
 
 
 # ---------------------------------------------------------------------------
-# 1. Errors
+# 1. Errors and the standard streams
 #
 # Every failure a user can meet is one of these, and each class carries the
 # exit status it ends the command with.  ``main`` turns them into one line on
-# stderr; nothing else decides an exit status.
+# stderr; nothing else decides an exit status.  Everything synapse prints goes
+# through ``emit`` (stdout) or ``note`` (stderr).
 # ---------------------------------------------------------------------------
 
 EXIT_OK = 0
@@ -128,6 +131,74 @@ class AmbiguousSessionID(SynapseError):
 
 class ProviderError(SynapseError):
     """The provider could not be reached, refused, or sent a broken reply."""
+
+
+class OutputError(SynapseError):
+    """Standard output is closed, full, or refuses text otherwise."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (a closed terminal): the command ends as on Ctrl-C,
+    after the partial reply is stored, with status 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+# What a person reads on a terminal must not drive it: C0 and C1 controls
+# but newline and tab (ESC above all; CR, DEL too) and the bidirectional
+# overrides that reorder a line are shown as escapes (SPEC §8).
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str, stream: Optional[TextIO]) -> str:
+    """``text`` as it may reach ``stream``: as it is, unless ``stream`` is a
+    terminal, where each control character becomes an escape such as ``\\x1b``."""
+    try:
+        terminal = stream is not None and stream.isatty()
+    except ValueError:  # closed
+        terminal = False
+    return _CONTROLS.sub(_escaped, text) if terminal else text
+
+
+def _escaped(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def emit(text: str, exact: bool = False) -> None:
+    """Write ``text`` to stdout at once.  Unless ``exact`` (JSON, which is safe
+    anywhere), a terminal sees control characters as escapes.  A closed, full
+    or failing stdout is an OutputError; a reader that went away, BrokenPipeError."""
+    stream = sys.stdout
+    if stream is None:
+        raise OutputError("standard output is closed; nothing could be printed")
+    text = text if exact else visible(text, stream)
+    try:
+        # In pieces: one large write to a pipe whose reader leaves can come
+        # back short with no error at all, where the next one fails.
+        for start in range(0, len(text), 65536):
+            stream.write(text[start:start + 65536])
+            stream.flush()
+        if not text:
+            stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot write to standard output: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def note(line: str) -> None:
+    """One line on stderr for a person: a warning, an error, a session ID.
+    A closed or broken stderr loses the line, never the command's success."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(visible(line, stream) + "\n")
+        stream.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +422,7 @@ def config_home(env: Mapping[str, str]) -> str:
 
 
 def warn(message: str) -> None:
-    print(f"synapse: warning: {message}", file=sys.stderr)
+    note(f"synapse: warning: {message}")
 
 
 # The keys a config file may hold, with the types they must have.
@@ -384,6 +455,15 @@ SESSION_KEYS: Mapping[str, tuple] = MappingProxyType({
 })
 _TYPE_NAMES = MappingProxyType({str: "a string", int: "an integer", float: "a number",
                                bool: "true or false", dict: "a table"})
+# The numbers a config may hold, each with the test it must pass (NaN fails
+# every comparison, infinity the upper bounds) and what the error says.
+NUMBER_RULES: Mapping[str, Tuple[Callable[[Any], bool], str]] = MappingProxyType({
+    "max_tokens": (lambda v: v >= 1, "1 or more"),
+    "temperature": (lambda v: 0 <= v <= 2, "a number from 0 to 2"),
+    "timeout": (lambda v: 0 < v <= 86400, "more than 0 and at most 86400 (seconds)"),
+    "max_sessions": (lambda v: v >= 0, "0 or more"),
+    "retention_days": (lambda v: 0 <= v <= 36500, "from 0 to 36500 (days)"),
+})
 
 
 def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
@@ -400,6 +480,9 @@ def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             wanted = " or ".join(_TYPE_NAMES[t] for t in types)
             raise ConfigError(f"{path}: '{name}' must be {wanted}, not {value!r}")
+        rule = NUMBER_RULES.get(key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{path}: '{name}' must be {rule[1]}, not {value!r}")
         checked[key] = value
     return checked
 
@@ -421,11 +504,9 @@ def load_config(explicit: Optional[str] = None,
     if data is None:
         return Config()
     top = _checked_table(data, TOP_LEVEL_KEYS, "", path)
-    session = _session_table(top.pop("session", {}), path)
+    session = SessionConfig(**_checked_table(top.pop("session", {}), SESSION_KEYS,  # type: ignore[arg-type]
+                                             "session.", path))
     providers = _provider_tables(top.pop("providers", {}), path)
-    for key in ("max_tokens", "timeout"):
-        if key in top and top[key] <= 0:  # type: ignore[operator]
-            raise ConfigError(f"{path}: '{key}' must be greater than 0")
     prompt_file = top.pop("system_prompt_file", None)
     if prompt_file is not None and "system_prompt" not in top:
         top["system_prompt"] = _read_prompt_file(path, str(prompt_file), "system_prompt_file")
@@ -460,14 +541,6 @@ def _read_toml(path: str, named: bool) -> Optional[Dict[str, Any]]:
         raise ConfigError(f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-
-
-def _session_table(table: Mapping[str, object], path: str) -> SessionConfig:
-    session = _checked_table(table, SESSION_KEYS, "session.", path)
-    for key in ("max_sessions", "retention_days"):
-        if session.get(key, 0) < 0:  # type: ignore[operator]
-            raise ConfigError(f"{path}: 'session.{key}' must be 0 or more")
-    return SessionConfig(**session)  # type: ignore[arg-type]
 
 
 def _provider_tables(tables: Mapping[str, object], path: str) -> Dict[str, Mapping[str, object]]:
@@ -529,27 +602,56 @@ def resolve_provider(config: Config, name: Optional[str], model: Optional[str],
             f"no model for provider '{settings.name}'; pass -m MODEL or set "
             f"'model' in [providers.{settings.name}] of {config.path}"
         )
-    key = (env.get(settings.api_key_env) if settings.api_key_env else None) or settings.api_key
+    from_env = env.get(settings.api_key_env) if settings.api_key_env else None
+    key = from_env or settings.api_key
+    where = config.path or find_config_path(None, env)[0]
     if settings.needs_key and not key:
-        where = config.path or find_config_path(None, env)[0]
         raise ConfigError(
             f"no API key for {settings.name}: set {settings.api_key_env}, or api_key "
             f"under [providers.{settings.name}] in {where}"
         )
+    if key and not re.fullmatch(r"[\x21-\x7e]+", key):
+        source = settings.api_key_env if from_env else f"api_key in {where}"
+        raise ConfigError(f"the API key for {settings.name} ({source}) holds whitespace or "
+                          f"characters an HTTP header cannot carry; a pasted newline is the "
+                          f"usual cause")
+    if settings.base_url is not None:
+        _check_base_url(settings.base_url, settings.name, where)
     return Provider(settings.name, settings.kind, settings.base_url, chosen_model, key,
                     settings.max_tokens_field)
 
 
+def _check_base_url(url: str, provider: str, where: str) -> None:
+    from urllib.parse import urlsplit  # loaded with requests anyway
+
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # a bad port raises too
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"the base_url of {provider} in {where} must be an http:// or "
+                          f"https:// URL with a host, such as https://api.example.com/v1")
+
+
 def known_secrets(config: Optional[Config], env: Mapping[str, str]) -> List[str]:
-    """Every API key synapse might hold, so that no output can show one."""
+    """Every API key synapse might hold, and the user and password inside a
+    base_url, so that no output can show one."""
     names = {p.api_key_env for p in BUILTIN_PROVIDERS.values() if p.api_key_env}
-    keys = []
+    keys: List[Optional[str]] = []
+    urls: List[object] = []
     if config is not None:
         keys.append(config.api_key)
+        urls.append(config.base_url)
         for table in config.providers.values():
             keys.append(table.get("api_key"))  # type: ignore[arg-type]
             names.add(table.get("api_key_env"))  # type: ignore[arg-type]
+            urls.append(table.get("base_url"))
     keys.extend(env.get(n) for n in names if n)
+    for url in urls:
+        userinfo = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@", str(url or ""))
+        if userinfo:
+            keys += [userinfo.group(1), userinfo.group(1).partition(":")[2]]
     return sorted({k for k in keys if k and len(k) >= 4}, key=len, reverse=True)
 
 
@@ -575,7 +677,7 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
         path = url[len("sqlite:"):]
         if path.startswith("//"):
             path = path[2:]  # sqlite://rel/path and sqlite:///abs/path
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", url):  # one letter is a Windows drive
         scheme = url.split(":", 1)[0]
         raise ConfigError(
             f"database URL scheme '{scheme}' is not supported; only SQLite is "
@@ -726,6 +828,9 @@ def _prepare_database_file(path: str) -> None:
                 f"{path} is not a SQLite database; refusing to touch it "
                 f"(set SYNAPSE_DATABASE_URL or [session] database_url to another file)"
             )
+        if not head:  # an empty file becomes a database: a private one
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
         return
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -1224,12 +1329,13 @@ class EventStreamParser:
     ``str.splitlines``, which would also split at U+2028 inside JSON),
     ``data:`` with or without one space, multi-line data, comment lines, and
     events and UTF-8 characters split anywhere across reads.  Undecodable
-    bytes become U+FFFD; it never raises.
+    bytes become U+FFFD; it never raises.  Its time is linear in what it
+    reads: a line split over many reads is searched and joined once.
     """
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._pending = ""  # text after the last line end
+        self._pending: List[str] = []  # the pieces of the line not yet ended
         self._after_cr = False  # the last line ended in CR: a next LF is part of it
         self._event = ""
         self._data: List[str] = []
@@ -1241,8 +1347,8 @@ class EventStreamParser:
         """End of stream: a last line or event without its blank line counts."""
         events = self._consume(self._decoder.decode(b"", final=True))
         if self._pending:
-            events.extend(self._line(self._pending))
-            self._pending = ""
+            events.extend(self._line("".join(self._pending)))
+            self._pending = []
         events.extend(self._line(""))
         return events
 
@@ -1251,14 +1357,18 @@ class EventStreamParser:
             if text[0] == "\n":
                 text = text[1:]
             self._after_cr = False
-        buffer = self._pending + text
         events: List[ServerEvent] = []
         start = 0
-        for end in _LINE_END.finditer(buffer):
-            events.extend(self._line(buffer[start:end.start()]))
+        for end in _LINE_END.finditer(text):
+            line = text[start:end.start()]
+            if self._pending:
+                line = "".join(self._pending) + line
+                self._pending = []
+            events.extend(self._line(line))
             start = end.end()
-        self._pending = buffer[start:]
-        if buffer.endswith("\r") and start == len(buffer):
+        if start < len(text):
+            self._pending.append(text[start:])
+        elif text.endswith("\r"):
             self._after_cr = True
         return events
 
@@ -1300,6 +1410,30 @@ class ChatRequest(namedtuple("ChatRequest", "system_prompt messages max_tokens t
     content) pairs, oldest first; ``system_prompt`` and ``temperature`` may be None."""
 
     __slots__ = ()
+
+
+class Usage(namedtuple("Usage", "input_tokens output_tokens stop_reason",
+                       defaults=(None, None, None))):
+    """What a provider reports beside the text: token counts (int or None) and
+    why the reply ended (str or None).  A reply may report them in parts;
+    ``merged`` takes each field from the later part that has it."""
+
+    __slots__ = ()
+
+    def merged(self, later: "Usage") -> "Usage":
+        return Usage(*(b if b is not None else a for a, b in zip(self, later)))
+
+
+Reply = Union[str, Usage]  # what stream_chat yields
+
+
+def _count(value: object) -> Optional[int]:
+    """A token count as reported, or None for a null, a missing or an odd one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _sample(value: object) -> str:
+    return shorten(json.dumps(value, ensure_ascii=False), 80)
 
 
 class ProviderFault(Exception):
@@ -1403,17 +1537,25 @@ def send_request(provider: Provider, method: str, path: str, headers: Mapping[st
                  payload: Optional[Mapping[str, object]], timeout: float, stream: bool):
     """One HTTP attempt at ``base_url + path``: the 2xx response, else a
     ProviderFault (a _Retry when another attempt may cure it)."""
-    import requests  # deferred: it is most of a chat's start-up, and only chat needs it
+    try:
+        import requests  # deferred: it is most of a chat's start-up, and only chat needs it
+    except ImportError:
+        raise SynapseError(f"talking to {provider.name} needs the requests package, which is "
+                           f"not installed; install it: python3 -m pip install requests") from None
 
     url = f"{(provider.base_url or '').rstrip('/')}{path}"
     headers = {"Accept": "text/event-stream" if stream else "application/json", **headers}
+    if stream:  # a compressed stream would reach us only in blocks
+        headers["Accept-Encoding"] = "identity"
     body = None
     if payload is not None:
         headers["Content-Type"] = "application/json"
         body = json.dumps(payload).encode("utf-8")
     try:
+        # No redirect is followed: it would take the key and the conversation
+        # to another host (or turn the POST into a GET).
         response = requests.request(method, url, data=body, headers=headers, stream=True,
-                                    timeout=(CONNECT_TIMEOUT, timeout))
+                                    timeout=(CONNECT_TIMEOUT, timeout), allow_redirects=False)
     except requests.exceptions.ConnectTimeout:
         raise _Retry(ProviderFault(f"did not answer at {provider.base_url} within "
                                    f"{CONNECT_TIMEOUT:g} s; check the network and base_url")) from None
@@ -1424,17 +1566,37 @@ def send_request(provider: Provider, method: str, path: str, headers: Mapping[st
                                    f"({_network_reason(exc)}); check the network and base_url")) from None
     if response.status_code < 300:
         return response
-    try:
-        content = response.content
-    except (requests.exceptions.RequestException, OSError):
-        content = b""
-    finally:
+    if response.status_code < 400:
         response.close()
+        raise ProviderFault(f"answered {response.status_code} {response.reason or ''}, redirecting to "
+                            f"{response.headers.get('location') or 'nowhere'}; synapse follows no "
+                            f"redirect: if that is the endpoint, set base_url to it")
+    try:
+        content = b"".join(iter_response_bytes(response, timeout))
+    except (ProviderFault, _Retry):
+        content = b""
     fault = ProviderFault(describe_http_error(response.status_code, response.reason or "", content,
                                               response.headers.get("content-type", "")))
     if response.status_code in RETRY_STATUSES and not _is_permanent(response.status_code, content):
         raise _Retry(fault, {k.lower(): v for k, v in response.headers.items()})
     raise fault
+
+
+def _decompressor(encoding: str) -> Callable[[Optional[bytes]], bytes]:
+    """Undo ``Content-Encoding``, fed piece by piece (None at the end)."""
+    import zlib
+
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ProviderFault(f"sent a reply in the unknown encoding {encoding!r}")
+    # 47: a gzip or a zlib header, whichever comes (deflate is zlib-wrapped).
+    state = zlib.decompressobj(47)
+
+    def decompress(data: Optional[bytes]) -> bytes:
+        try:
+            return state.flush() if data is None else state.decompress(data)
+        except zlib.error:
+            raise ProviderFault(f"sent a {encoding} reply that does not decompress") from None
+    return decompress
 
 
 def _silence(timeout: float) -> ProviderFault:
@@ -1443,20 +1605,25 @@ def _silence(timeout: float) -> ProviderFault:
 
 
 def iter_response_bytes(response, timeout: float) -> Iterator[bytes]:
-    """The body as the network delivers it, one read at a time."""
+    """The body as the network delivers it, one read at a time, decompressed
+    when it came compressed (``Content-Encoding`` gzip or deflate)."""
     import requests
     import urllib3  # already loaded by requests
 
     raw = response.raw
+    encoding = response.headers.get("content-encoding", "").strip().lower()
     try:
+        decompress = _decompressor(encoding) if encoding not in ("", "identity") else None
         if hasattr(raw, "read1"):  # urllib3 >= 2: returns what has arrived
-            while True:
-                chunk = raw.read1(65536)
-                if not chunk:
-                    return
-                yield chunk
+            chunks: Iterable[bytes] = iter(lambda: raw.read1(65536), b"")
         else:  # pragma: no cover - urllib3 1.x
-            yield from response.iter_content(chunk_size=1)
+            chunks = raw.stream(1, decode_content=False)
+        for chunk in chunks:
+            chunk = decompress(chunk) if decompress else chunk
+            if chunk:
+                yield chunk
+        if decompress:
+            yield decompress(None)
     except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout, TimeoutError):
         raise _silence(timeout) from None
     except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
@@ -1531,16 +1698,38 @@ def openai_payload(provider: Provider, request: ChatRequest) -> Dict[str, object
     return payload
 
 
-def openai_body(value: Mapping[str, object]) -> Iterator[str]:
-    """The reply text of a whole chat.completion."""
-    choices = value.get("choices") or [{}]
-    content = (choices[0].get("message") or {}).get("content")
-    if content:
-        yield content
+def _openai_parts(value: Mapping[str, object], key: str) -> Iterator[Reply]:
+    """The text, finish reason and usage of a chat.completion (``key``
+    "message") or of one chunk of a stream (``key`` "delta")."""
+    choices = value.get("choices")
+    if not isinstance(choices, list):
+        raise ProviderFault(f"sent a reply without a list of choices: {_sample(value)}")
+    if choices:
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise ProviderFault(f"sent a choice that is not an object: {_sample(value)}")
+        part = choice.get(key, {} if key == "delta" else None)  # a chunk may hold only a finish
+        if not isinstance(part, dict):
+            raise ProviderFault(f"sent a choice without a {key} object: {_sample(value)}")
+        # reasoning_content (DeepSeek's thinking) is not the reply: skipped.
+        content = part.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ProviderFault(f"sent reply text that is not a string: {_sample(value)}")
+        if content:
+            yield content
+        if choice.get("finish_reason"):
+            yield Usage(stop_reason=str(choice["finish_reason"]))
+    usage = value.get("usage")
+    if isinstance(usage, dict):  # the body's, or the last chunk's (choices: [])
+        yield Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
 
 
-def openai_texts(events: Iterable[ServerEvent]) -> Iterator[str]:
-    """The reply text in an OpenAI-style event stream, up to ``[DONE]``."""
+def openai_body(value: Mapping[str, object]) -> Iterator[Reply]:
+    return _openai_parts(value, "message")
+
+
+def openai_texts(events: Iterable[ServerEvent]) -> Iterator[Reply]:
+    """The reply in an OpenAI-style event stream, up to ``[DONE]``."""
     for event in events:
         data = event.data.strip()
         if data == "[DONE]":
@@ -1550,14 +1739,7 @@ def openai_texts(events: Iterable[ServerEvent]) -> Iterator[str]:
         value = _json_event(data)
         if "error" in value:
             raise _reported_error(value)
-        # Azure sends filter results with no choices first; usage comes last.
-        choices = value.get("choices") or []
-        first = choices[0] if isinstance(choices, list) and choices else None
-        delta = first.get("delta") if isinstance(first, dict) else None
-        # reasoning_content (DeepSeek's thinking) is not the reply: skipped.
-        content = delta.get("content") if isinstance(delta, dict) else None
-        if isinstance(content, str) and content:
-            yield content
+        yield from _openai_parts(value, "delta")
     raise ProviderFault("ended the reply before data: [DONE]")
 
 
@@ -1595,26 +1777,60 @@ def anthropic_payload(provider: Provider, request: ChatRequest) -> Dict[str, obj
     return payload
 
 
-def anthropic_body(value: Mapping[str, object]) -> Iterator[str]:
-    """The reply text of a whole Messages response."""
-    for block in value.get("content") or []:
-        if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
-            yield block["text"]
+def _anthropic_input(usage: object) -> Usage:
+    """Input counts of a ``usage`` object; cache reads and writes are input too."""
+    if not isinstance(usage, dict):
+        return Usage()
+    counts = [_count(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
+                                              "cache_read_input_tokens")]
+    return Usage(sum(c for c in counts if c is not None) if counts[0] is not None else None)
 
 
-def anthropic_texts(events: Iterable[ServerEvent]) -> Iterator[str]:
-    """The reply text in an Anthropic event stream, up to ``message_stop``."""
+def _anthropic_text(block: object, value: Mapping[str, object]) -> Optional[str]:
+    """The text of a text block or text delta; None for other kinds (thinking, tools)."""
+    if not isinstance(block, dict):
+        raise ProviderFault(f"sent a content block that is not an object: {_sample(value)}")
+    if block.get("type") not in ("text", "text_delta"):
+        return None
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise ProviderFault(f"sent reply text that is not a string: {_sample(value)}")
+    return text
+
+
+def anthropic_body(value: Mapping[str, object]) -> Iterator[Reply]:
+    """The reply of a whole Messages response."""
+    content = value.get("content")
+    if not isinstance(content, list):
+        raise ProviderFault(f"sent a reply without a list of content blocks: {_sample(value)}")
+    for block in content:
+        text = _anthropic_text(block, value)
+        if text:
+            yield text
+    usage = value.get("usage")
+    yield _anthropic_input(usage)._replace(
+        output_tokens=_count(usage.get("output_tokens")) if isinstance(usage, dict) else None,
+        stop_reason=value.get("stop_reason") or None)
+
+
+def anthropic_texts(events: Iterable[ServerEvent]) -> Iterator[Reply]:
+    """The reply in an Anthropic event stream, up to ``message_stop``."""
     for event in events:
         if not event.data.strip():
             continue
         value = _json_event(event.data)
         kind = value.get("type", event.event)
         if kind == "content_block_delta":
-            delta = value.get("delta")
-            if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                text = delta.get("text")
-                if isinstance(text, str) and text:
-                    yield text
+            text = _anthropic_text(value.get("delta"), value)
+            if text:
+                yield text
+        elif kind == "message_start":
+            message = value.get("message")
+            yield _anthropic_input(message.get("usage") if isinstance(message, dict) else None)
+        elif kind == "message_delta":
+            delta, usage = value.get("delta"), value.get("usage")
+            yield Usage(None, _count(usage.get("output_tokens")) if isinstance(usage, dict) else None,
+                        (delta.get("stop_reason") or None) if isinstance(delta, dict) else None)
         elif kind == "message_stop":
             return
         elif kind == "error":
@@ -1628,7 +1844,8 @@ def anthropic_texts(events: Iterable[ServerEvent]) -> Iterator[str]:
 class ChatProtocol(namedtuple("ChatProtocol", "path headers payload body events")):
     """How one wire protocol chats: the endpoint's ``path``; ``headers(provider)``
     and ``payload(provider, request)`` make the request; ``body(value)`` reads a
-    whole JSON reply and ``events(events)`` a stream, each yielding reply text."""
+    whole JSON reply and ``events(events)`` a stream, each yielding the reply
+    (text, and Usage records)."""
 
     __slots__ = ()
 
@@ -1641,13 +1858,16 @@ PROTOCOLS: Mapping[str, ChatProtocol] = MappingProxyType({
 })
 
 
-def stream_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
-    """The provider's reply to ``request``, piece by piece, as it arrives.
+def stream_chat(provider: Provider, request: ChatRequest) -> Iterator[Reply]:
+    """The provider's reply to ``request`` as it arrives: text pieces (str),
+    and Usage records (token counts, the stop reason) where the protocol
+    reports them.
 
     The one entry point to every protocol.  Connection errors and the
     RETRY_STATUSES are retried up to MAX_RETRIES times, also a connection that
-    drops before the first piece, but never once a piece is out.  Every
-    ProviderFault below leaves as a ProviderError naming the provider.
+    drops before the first piece of text, but never once text is out.  A reply
+    without any text is an error.  Every ProviderFault below leaves as a
+    ProviderError naming the provider.
     """
     if provider.kind == "echo":
         yield from echo_reply(request)
@@ -1656,35 +1876,44 @@ def stream_chat(provider: Provider, request: ChatRequest) -> Iterator[str]:
     payload = protocol.payload(provider, request)
     try:
         for attempt in itertools.count():
-            started = False
+            started, stop_reason = False, None
             try:
                 response = send_request(provider, "POST", protocol.path,
                                         protocol.headers(provider), payload,
                                         request.timeout, request.stream)
                 if _response_kind(response) == "json":
-                    pieces = protocol.body(read_json_body(response, request.timeout))
+                    reply = protocol.body(read_json_body(response, request.timeout))
                 else:
-                    pieces = protocol.events(iter_events(response, request.timeout))
-                for piece in pieces:
-                    started = True
-                    yield piece
-                return
+                    reply = protocol.events(iter_events(response, request.timeout))
+                for item in reply:
+                    if isinstance(item, Usage):
+                        stop_reason = item.stop_reason or stop_reason
+                    elif item:
+                        started = True
+                    yield item
+                break
             except _Retry as retry:
                 if started or attempt >= MAX_RETRIES:
                     raise retry.fault from None
                 time.sleep(retry_delay(attempt, retry.headers))
+        if not started:
+            because = f" (stop reason: {stop_reason})" if stop_reason else ""
+            raise ProviderFault(f"sent a reply without any text{because}")
     except ProviderFault as fault:
         raise ProviderError(f"{provider.name} {fault}") from None
 
 
-def echo_reply(request: ChatRequest) -> Iterator[str]:
-    """The last user message back, a word at a time (large ones in pieces)."""
+def echo_reply(request: ChatRequest) -> Iterator[Reply]:
+    """The last user message back, a word at a time (large ones in pieces),
+    with word counts for tokens."""
     text = next((c for r, c in reversed(request.messages) if r == "user"), "")
     if len(text) > 65536:
         for start in range(0, len(text), 16384):
             yield text[start:start + 16384]
-        return
-    yield from re.findall(r"\s*\S+\s*|\s+", text)
+    else:
+        yield from re.findall(r"\s*\S+\s*|\s+", text)
+    sent = [request.system_prompt or ""] + [c for _, c in request.messages]
+    yield Usage(sum(len(c.split()) for c in sent), len(text.split()), "stop")
 
 
 # ---------------------------------------------------------------------------
@@ -1785,17 +2014,18 @@ class Conversation:
                            [(m.role.value, m.content) for m in self.history if m.role != Role.SYSTEM],
                            config.max_tokens, config.temperature, config.timeout, self.stream)
 
-    def send(self, text: str, out: TextIO) -> str:
-        """SPEC §6 steps 6 to 9: store ``text``, stream the reply to ``out``,
-        store the reply -- what arrived of it, whatever ends the stream."""
+    def send(self, text: str, out: Callable[[str], None]) -> str:
+        """SPEC §6 steps 6 to 9: store ``text``, give each piece of the reply
+        to ``out`` as it arrives, store the reply -- what arrived of it,
+        whatever ends the stream."""
         self._keep(StoredMessage.new(self.session.id, Role.USER, text))  # before the network
         pieces: List[str] = []
         complete = False
         try:
-            for piece in stream_chat(self.provider, self.request()):
-                pieces.append(piece)
-                out.write(piece)
-                out.flush()
+            for item in stream_chat(self.provider, self.request()):
+                if isinstance(item, str):
+                    pieces.append(item)
+                    out(item)
             complete = True
         except ProviderError as exc:
             if pieces:
@@ -1805,9 +2035,11 @@ class Conversation:
             reply = "".join(pieces)
             if reply:
                 self._keep(StoredMessage.new(self.session.id, Role.ASSISTANT, reply))
-            if reply or complete:  # the line ends before any error is shown
-                out.write("\n")
-                out.flush()
+            if complete:
+                out("\n")
+            elif reply:  # the line ends before the news of what ended the reply
+                with contextlib.suppress(SynapseError, OSError):
+                    out("\n")
         return reply
 
     def _keep(self, message: StoredMessage) -> None:
@@ -1903,8 +2135,20 @@ examples:
   synapse -C "and in Rust?"               continue the latest session
   synapse -r                              interactive mode
 
-IDs are full UUIDs or unique prefixes of at least 4 hex characters.
-Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 Ctrl-C.
+environment:
+  DEEPSEEK_API_KEY, OPENAI_API_KEY, ANTHROPIC_API_KEY
+                         API keys (or api_key in the config file)
+  SYNAPSE_CONFIG         the config file (else $XDG_CONFIG_HOME/synapse/config.toml,
+                         ~/.config/synapse/config.toml)
+  SYNAPSE_DATABASE_URL   the database (else [session] database_url in the config,
+                         else $XDG_CONFIG_HOME/synapse/sessions.db,
+                         ~/.config/synapse/sessions.db)
+  SYNAPSE_DEBUG=1        print a traceback with every error
+
+IDs are full UUIDs or unique prefixes of at least 4 hex characters.  A MESSAGE
+that starts with "-" follows "--": synapse -- "-1 is odd".
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error,
+130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
 """
 
 
@@ -1924,8 +2168,9 @@ def terminal_columns(default: int) -> int:
         return default
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's, sized by ``terminal_columns``.
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, sized by ``terminal_columns``; a description or epilog with
+    line breaks is laid out by hand and kept, one without is wrapped.
 
     argparse builds a formatter for every option it is given, even when no
     help is printed, and its own finds the width by importing ``shutil``.
@@ -1936,17 +2181,42 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, indent_increment, max_help_position,
                          width if width is not None else terminal_columns(80) - 2)
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse whose errors end in synapse's own line, ``synapse: error: ...``."""
+    """argparse whose errors end in synapse's own line, ``synapse: error: ...``,
+    and whose help and usage go through ``emit`` and ``note``."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.argv: Sequence[str] = ()
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        self.argv = list(args or ())
+        return super().parse_args(args, namespace)
+
+    def _print_message(self, message: str, file: Optional[TextIO] = None) -> None:
+        if message:
+            if file is sys.stderr:
+                note(message.rstrip("\n"))
+            else:
+                emit(message)
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
-        self.exit(2, f"synapse: error: {message}\n")
+        # "-hello" reads as -h with "ello": a message that starts with "-"
+        # needs "--" before it, which the error line suggests.
+        stray = next((a for a in self.argv if a.startswith("-") and a not in ("-", "--")
+                      and a.split("=")[0] not in self._option_string_actions), None)
+        hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"' if stray else ""
+        note(f"synapse: error: {message}{hint}")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _add_config_option(parser: argparse.ArgumentParser, default: object = None) -> None:
@@ -1960,16 +2230,17 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+    if not 1 <= value <= 2 ** 63 - 1:  # what SQLite can count to
+        raise argparse.ArgumentTypeError(f"must be from 1 to {2 ** 63 - 1}")
     return value
 
 
 def build_chat_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
-        prog="synapse", description="Chat with large language models from the terminal; "
-        "every conversation is kept in a local SQLite database.",
-        epilog=CHAT_EPILOG)
+        prog="synapse", description="Chat with large language models from the terminal: "
+        "DeepSeek, Anthropic, OpenAI, Ollama or any OpenAI-compatible server.  Every "
+        "conversation is kept in a local SQLite database, to list, search, export and "
+        "continue later.", epilog=CHAT_EPILOG)
     parser.add_argument("message", nargs="*", metavar="MESSAGE",
                         help="the message (words are joined by spaces); stdin is read when piped")
     which = parser.add_mutually_exclusive_group()
@@ -2002,30 +2273,39 @@ def build_sessions_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    an_id = "a session ID: a full UUID or a unique prefix of 4 or more hex characters"
     listing = command("list", command_list, "list sessions, most recently updated first")
     listing.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N")
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     show = command("show", command_show, "print a session and its messages")
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", help=an_id)
     show.add_argument("--json", action="store_true", help="print a JSON object")
     delete = command("delete", command_delete, "delete sessions and their messages")
-    delete.add_argument("ids", nargs="+", metavar="ID")
+    delete.add_argument("ids", nargs="+", metavar="ID", help=an_id)
     rename = command("rename", command_rename, "set a session's name")
-    rename.add_argument("id", metavar="ID")
-    rename.add_argument("name", metavar="NAME")
+    rename.add_argument("id", metavar="ID", help=an_id)
+    rename.add_argument("name", metavar="NAME", help="the new name; an empty one clears it")
     export = command("export", command_export, "export a session as Markdown or JSON")
-    export.add_argument("id", metavar="ID")
-    export.add_argument("--format", choices=("markdown", "json"), default="markdown")
-    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    export.add_argument("id", metavar="ID", help=an_id)
+    export.add_argument("--format", choices=("markdown", "json"), default="markdown",
+                        help="markdown (the default: title, metadata, a section per message) "
+                             "or json (what show --json prints)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="write to FILE (a new one is private, mode 0600); - is stdout")
     search = command("search", command_search,
-                     "find sessions with a message containing TEXT (any case)")
-    search.add_argument("text", metavar="TEXT")
+                     "find sessions with a message containing TEXT, newest first")
+    search.add_argument("text", metavar="TEXT",
+                        help="a literal substring (%%, _ and quotes are plain characters); "
+                             "case is ignored: ASCII case for ASCII TEXT, Unicode case "
+                             "folding for any other")
     search.add_argument("--limit", type=_positive_int, metavar="N", default=SEARCH_DEFAULT_LIMIT,
                         help=f"show at most N (default {SEARCH_DEFAULT_LIMIT})")
     search.add_argument("--json", action="store_true", help="print a JSON array")
     cleanup = command("cleanup", command_cleanup,
-                      "delete sessions past retention_days or over max_sessions now")
-    cleanup.add_argument("--dry-run", action="store_true", help="delete nothing; say what would go")
+                      "delete now the sessions that [session] retention_days and "
+                      "max_sessions in the config doom (also when auto_cleanup is off)")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="delete nothing; list what would go")
     return parser
 
 
@@ -2050,10 +2330,29 @@ def local_time(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def _fit(text: Optional[str], width: int) -> str:
-    """One table cell: control characters blanked, cut by characters."""
-    text = re.sub(r"[\x00-\x1f\x7f]", " ", text or "")
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "\u2026"
+def cell_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: East Asian wide and full-width
+    characters two, combining marks and other zero-width ones none."""
+    if text.isascii():
+        return len(text)
+    import unicodedata  # only for text that needs it
+
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def cut(text: str, limit: int, measure: Callable[[str], int] = len) -> str:
+    """``text`` in ``limit`` characters (or columns, measured by ``cell_width``),
+    ending in an ellipsis when cut; never mid-character."""
+    if measure(text) <= limit:
+        return text
+    kept, used = [], 0
+    for char in text:
+        used += measure(char)
+        if used > limit - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "\u2026"
 
 
 def summary_json(summary: SessionSummary) -> Dict[str, object]:
@@ -2072,37 +2371,80 @@ def session_json(session: Session, messages: Sequence[StoredMessage]) -> Dict[st
                           "timestamp": format_timestamp(m.timestamp)} for m in messages]}
 
 
+# json.dumps escapes C0 controls but not DEL, C1 and the bidirectional
+# overrides; escaped too, JSON is safe on any terminal and decodes the same.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def json_text(value: object) -> str:
     """What ``--json`` and ``export --format json`` print."""
-    return json.dumps(value, ensure_ascii=False, indent=2) + "\n"
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 # -- sessions commands ---------------------------------------------------------
+
+
+LIST_COLUMNS = ("ID", "NAME", "PROVIDER", "MODEL", "CREATED", "MESSAGES", "PREVIEW")
+PIPED_CELL_LIMITS = MappingProxyType({"NAME": 20, "MODEL": 20})  # characters
+NARROWEST_CELL = 8  # what PREVIEW, NAME and MODEL shrink to before the ID does
+
+
+def list_table(summaries: Sequence[SessionSummary], columns: Optional[int]) -> str:
+    """``sessions list``'s table: on a terminal of ``columns``, fitted to it
+    (SPEC §3: PREVIEW shrinks first, then NAME and MODEL, then the ID shows its
+    first 8 characters); piped (``columns`` None), full IDs and cells cut by
+    characters."""
+    rows = [[str(s.id), s.name, s.provider, s.model, local_time(s.created_at),
+             str(s.message_count), s.preview] for s in summaries]
+    # One line per row: whitespace folded; on a terminal, controls escaped first,
+    # so that the escapes are measured too.
+    rows = [[visible(" ".join((cell or "").split()), sys.stdout) for cell in row] for row in rows]
+    if columns is None:
+        rows = [[cut(c, PIPED_CELL_LIMITS.get(h, len(c))) for h, c in zip(LIST_COLUMNS, row)]
+                for row in rows]
+    table = [list(LIST_COLUMNS), *rows]
+    natural = {h: max(cell_width(r[i]) for r in table) for i, h in enumerate(LIST_COLUMNS)}
+    widths = dict(natural) if columns is None else _fitted_widths(natural, columns)
+    lines = []
+    for row in table:
+        cells = []
+        for heading, cell in zip(LIST_COLUMNS, row):
+            width = widths[heading]
+            if heading == "ID" and row is not table[0]:
+                cell = cell[:width]  # a prefix stays a valid ID: no ellipsis
+            cell = cut(cell, width, cell_width)
+            cells.append(cell + " " * (width - cell_width(cell)))
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _fitted_widths(natural: Mapping[str, int], columns: int) -> Dict[str, int]:
+    widths = dict(natural)
+
+    def excess() -> int:
+        return sum(widths.values()) + 2 * (len(widths) - 1) - columns
+
+    for heading in ("PREVIEW", "NAME", "MODEL"):
+        floor = min(NARROWEST_CELL, natural[heading])
+        widths[heading] = max(floor, widths[heading] - max(excess(), 0))
+    if excess() > 0:
+        widths["ID"] = NARROWEST_CELL
+        widths["PREVIEW"] = min(natural["PREVIEW"], widths["PREVIEW"] - excess())
+    return widths
 
 
 def command_list(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         summaries = store.list_sessions(args.limit)
     if args.json:
-        sys.stdout.write(json_text([summary_json(s) for s in summaries]))
-        return 0
-    if not summaries:
-        print("No sessions found.")
-        return 0
-    columns = terminal_columns(120)
-    widths = {"ID": 36, "NAME": 20, "PROVIDER": 10, "MODEL": 20, "CREATED": 16, "MESSAGES": 8}
-    widths["PREVIEW"] = max(columns - sum(widths.values()) - 2 * len(widths), 20)
-    rows = [list(widths)]
-    for s in summaries:
-        rows.append([str(s.id), s.name, s.provider, s.model, local_time(s.created_at),
-                     str(s.message_count), s.preview])
-    sizes = [max(len(_fit(r[i], w)) for r in rows) for i, w in enumerate(widths.values())]
-    lines = []
-    for row in rows:
-        cells = [_fit(cell, w).ljust(size) for cell, w, size in zip(row, widths.values(), sizes)]
-        lines.append("  ".join(cells).rstrip())
-    print("\n".join(lines))
-    return 0
+        emit(json_text([summary_json(s) for s in summaries]), exact=True)
+    elif not summaries:
+        emit("No sessions found.\n")
+    else:
+        terminal = sys.stdout is not None and sys.stdout.isatty()
+        emit(list_table(summaries, terminal_columns(80) if terminal else None), exact=True)
+    return EXIT_OK
 
 
 def command_show(args: argparse.Namespace, config: Config) -> int:
@@ -2110,8 +2452,8 @@ def command_show(args: argparse.Namespace, config: Config) -> int:
         session = load_session(store, args.id)
         messages = store.get_messages(session.id)
     if args.json:
-        sys.stdout.write(json_text(session_json(session, messages)))
-        return 0
+        emit(json_text(session_json(session, messages)), exact=True)
+        return EXIT_OK
     lines = [f"Session:  {session.id}"]
     if session.name:
         lines.append(f"Name:     {session.name}")
@@ -2123,12 +2465,12 @@ def command_show(args: argparse.Namespace, config: Config) -> int:
     lines.append("")
     for message in messages:
         lines += [f"[{message.role.value.upper()}]", message.content, ""]
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    emit("\n".join(lines) + "\n")
+    return EXIT_OK
 
 
 def command_delete(args: argparse.Namespace, config: Config) -> int:
-    worst = 0
+    worst = EXIT_OK
     with open_store(config) as store:
         for text in args.ids:
             try:
@@ -2139,7 +2481,7 @@ def command_delete(args: argparse.Namespace, config: Config) -> int:
                 report_error(str(exc), config)
                 worst = max(worst, exc.exit_code)
                 continue
-            print(f"Deleted session {session_id}")
+            emit(f"Deleted session {session_id}\n")
     return worst
 
 
@@ -2148,8 +2490,9 @@ def command_rename(args: argparse.Namespace, config: Config) -> int:
         session_id = resolve_session_id(store, args.id)
         name = clean_text(args.name).strip() or None
         store.rename_session(session_id, name)
-    print(f"Renamed session {session_id} to {name!r}" if name else f"Cleared the name of session {session_id}")
-    return 0
+    emit(f"Renamed session {session_id} to {name!r}\n" if name
+         else f"Cleared the name of session {session_id}\n")
+    return EXIT_OK
 
 
 def export_markdown(session: Session, messages: Sequence[StoredMessage]) -> str:
@@ -2164,24 +2507,37 @@ def export_markdown(session: Session, messages: Sequence[StoredMessage]) -> str:
     return "\n".join(lines)
 
 
+def write_private_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path``: a new file is made 0600 (it holds a
+    conversation); an existing one keeps its mode."""
+    path = os.path.expanduser(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask
+    except FileExistsError:
+        fd = None
+    except OSError as exc:
+        raise SynapseError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with (open(fd, "w", encoding="utf-8") if fd is not None
+              else open(path, "w", encoding="utf-8")) as output:
+            output.write(text)
+    except OSError as exc:
+        raise SynapseError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def command_export(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         session = load_session(store, args.id)
         messages = store.get_messages(session.id)
-    if args.format == "json":
-        text = json_text(session_json(session, messages))
-    else:
-        text = export_markdown(session, messages)
-    if not args.output:
-        sys.stdout.write(text)
-        return 0
-    try:
-        with open(os.path.expanduser(args.output), "w", encoding="utf-8") as output:
-            output.write(text)
-    except OSError as exc:
-        raise SynapseError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-    print(f"Exported session {session.id} to {args.output}")
-    return 0
+    exact = args.format == "json"
+    text = json_text(session_json(session, messages)) if exact else export_markdown(session, messages)
+    if args.output in (None, "-"):
+        emit(text, exact=exact)
+        return EXIT_OK
+    write_private_file(args.output, text)
+    emit(f"Exported session {session.id} to {args.output}\n")
+    return EXIT_OK
 
 
 def command_search(args: argparse.Namespace, config: Config) -> int:
@@ -2191,17 +2547,19 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         hits = store.search_sessions(text, args.limit)
     if args.json:
-        sys.stdout.write(json_text([{**summary_json(h.session), "snippet": h.snippet} for h in hits]))
-        return 0
+        emit(json_text([{**summary_json(h.session), "snippet": h.snippet} for h in hits]), exact=True)
+        return EXIT_OK
     if not hits:
-        print(f"No sessions match {text!r}.")
-        return 0
+        emit(f"No sessions match {text!r}.\n")
+        return EXIT_OK
+    lines = []
     for hit in hits:
         s = hit.session
-        title = f"  {_fit(s.name, 40)}" if s.name else ""
-        print(f"{s.id}  {local_time(s.updated_at)}  {s.provider}/{s.model}{title}")
-        print(f"    {_fit(hit.snippet, 100)}")
-    return 0
+        title = f"  {cut(shorten(s.name, 200), 40)}" if s.name else ""
+        lines += [f"{s.id}  {local_time(s.updated_at)}  {s.provider}/{s.model}{title}",
+                  f"    {cut(hit.snippet, 100)}"]
+    emit("\n".join(lines) + "\n")
+    return EXIT_OK
 
 
 def command_cleanup(args: argparse.Namespace, config: Config) -> int:
@@ -2213,12 +2571,11 @@ def command_cleanup(args: argparse.Namespace, config: Config) -> int:
     counts = (f"{result.sessions_deleted} sessions ({result.by_max_limit} over max_sessions, "
               f"{result.by_retention} past retention_days)")
     if not args.dry_run:
-        print(f"Deleted {counts}")
-        return 0
-    print(f"Would delete {counts}; nothing was deleted (dry run)")
-    for session_id in doomed:
-        print(f"  {session_id}")
-    return 0
+        emit(f"Deleted {counts}\n")
+        return EXIT_OK
+    emit("".join([f"Would delete {counts}; nothing was deleted (dry run)\n",
+                  *(f"  {session_id}\n" for session_id in doomed)]))
+    return EXIT_OK
 
 
 # -- chat ----------------------------------------------------------------------
@@ -2234,17 +2591,35 @@ def chat_plan(args: argparse.Namespace) -> ChatPlan:
                     clean_text(args.name) if args.name else None, not args.no_stream)
 
 
+@contextlib.contextmanager
+def signals_end_the_turn() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) raise Terminated while a chat
+    runs, so that the partial reply is stored as on Ctrl-C."""
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, terminate)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def command_chat(args: argparse.Namespace, config: Config) -> int:
     """One turn: ``synapse [OPTIONS] MESSAGE``."""
     if not args.message and (sys.stdin is None or sys.stdin.isatty()):
-        args.parser.print_help()
+        emit(args.parser.format_help())
         return EXIT_OK
     plan = chat_plan(args)
     message = read_message(" ".join(args.message) if args.message else None, sys.stdin)
-    with open_conversation(plan, config) as conversation:
-        conversation.send(message, sys.stdout)
-    if plan.session is None and sys.stderr.isatty():
-        print(f"session: {conversation.session.id}", file=sys.stderr)
+    with signals_end_the_turn(), open_conversation(plan, config) as conversation:
+        conversation.send(message, emit)
+    if plan.session is None and sys.stderr is not None and sys.stderr.isatty():
+        note(f"session: {conversation.session.id}")
     return EXIT_OK
 
 
@@ -2252,12 +2627,15 @@ def command_chat(args: argparse.Namespace, config: Config) -> int:
 
 
 REPL_HELP = """\
-Type a message and press Enter.  Commands:
+Type a message and press Enter.  A line that is just \"\"\" starts a message of
+several lines, which another such line ends.  Commands:
   /help      this help
   /new       start a new session
   /session   print the current session ID
   /exit      leave (also /quit or Ctrl-D)
-Ctrl-C stops a reply (what arrived is kept); Ctrl-C at the prompt leaves."""
+Ctrl-C stops a reply (what arrived is kept); Ctrl-C at the prompt leaves.
+"""
+BLOCK_FENCE = '"""'  # a line of just this opens and closes a multi-line message
 
 
 def _open_history(database: str) -> Optional[str]:
@@ -2288,16 +2666,29 @@ def _save_history(path: Optional[str]) -> None:
         os.chmod(path, 0o600)
 
 
-def _read_line(interactive: bool) -> Optional[str]:
-    """The next input line, or None at the end of input (Ctrl-D)."""
+def _read_line(interactive: bool, prompt: str = "> ") -> Optional[str]:
+    """The next input line without its line end, or None at the end of input (Ctrl-D)."""
     if not interactive:
         line = sys.stdin.readline()
-        return line if line else None
+        return line.rstrip("\r\n") if line else None
     try:
-        return input("> ")
+        return input(prompt)
     except EOFError:
-        print(file=sys.stderr)  # end the prompt's line before the shell's
+        note("")  # end the prompt's line before the shell's
         return None
+
+
+def _read_message(interactive: bool) -> Optional[str]:
+    """The next message typed: one line, or the lines of a \"\"\" block."""
+    line = _read_line(interactive)
+    if line is None or line.strip() != BLOCK_FENCE:
+        return line
+    lines: List[str] = []
+    while True:
+        line = _read_line(interactive, "... ")
+        if line is None or line.strip() == BLOCK_FENCE:
+            return "\n".join(lines)
+        lines.append(line)
 
 
 def command_repl(args: argparse.Namespace, config: Config) -> int:
@@ -2310,30 +2701,29 @@ def command_repl(args: argparse.Namespace, config: Config) -> int:
     interactive = sys.stdin.isatty()
     if not interactive:
         sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
-    with open_conversation(plan, config) as conversation:
+    with signals_end_the_turn(), open_conversation(plan, config) as conversation:
         history_file = _open_history(conversation.store.path) if interactive else None
         if interactive:
-            print(f"synapse {__version__}: {conversation.provider.name}/"
-                  f"{conversation.provider.model}. /help for commands, Ctrl-D to leave.",
-                  file=sys.stderr)
+            note(f"synapse {__version__}: {conversation.provider.name}/"
+                 f"{conversation.provider.model}. /help for commands, Ctrl-D to leave.")
         try:
             _repl_loop(conversation, plan, config, interactive)
         finally:
             _save_history(history_file)
             if conversation.stored:
-                print(f"session: {conversation.session.id}", file=sys.stderr)
+                note(f"session: {conversation.session.id}")
     return EXIT_OK
 
 
 def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
                interactive: bool) -> None:
-    """Read and send lines until /exit or the end of input.  Ctrl-C at the
-    prompt goes on to ``main``, as everywhere."""
+    """Read and send messages until /exit or the end of input.  A failed turn
+    leaves the loop at its prompt; Ctrl-C at the prompt goes on to ``main``."""
     while True:
-        line = _read_line(interactive)
-        if line is None:
+        message = _read_message(interactive)
+        if message is None:
             return
-        text = clean_text(line).strip()
+        text = clean_text(message).strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):
@@ -2342,26 +2732,26 @@ def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
             _repl_command(text, conversation, plan)
             continue
         try:
-            conversation.send(text, sys.stdout)
+            conversation.send(text, emit)
         except KeyboardInterrupt:
-            print("(reply stopped; what arrived was kept)", file=sys.stderr)
+            note("(reply stopped; what arrived was kept)")
         except ProviderError as exc:  # the next turn may go through
             report_error(str(exc), config)
 
 
 def _repl_command(command: str, conversation: Conversation, plan: ChatPlan) -> None:
     if command == "/help":
-        print(REPL_HELP)
+        emit(REPL_HELP)
     elif command == "/session":
-        print(conversation.session.id if conversation.stored
-              else "no session yet: it starts with your first message")
+        emit(f"{conversation.session.id}\n" if conversation.stored
+             else "no session yet: it starts with your first message\n")
     elif command == "/new":
         if conversation.stored:
-            print(f"session: {conversation.session.id}", file=sys.stderr)
+            note(f"session: {conversation.session.id}")
         conversation.start_new(plan.system_prompt or conversation.config.system_prompt, plan.name)
-        print("Started a new session.", file=sys.stderr)
+        note("Started a new session.")
     else:
-        print(f"synapse: error: unknown command {command}; /help lists them", file=sys.stderr)
+        note(f"synapse: error: unknown command {command}; /help lists them")
 
 
 # ---------------------------------------------------------------------------
@@ -2376,30 +2766,49 @@ def report_error(message: str, config: Optional[Config]) -> None:
     if os.environ.get("SYNAPSE_DEBUG"):
         import traceback
 
-        print(redact(traceback.format_exc(), secrets), file=sys.stderr, end="")
-    print(f"synapse: error: {redact(message, secrets)}", file=sys.stderr)
+        note(redact(traceback.format_exc(), secrets).rstrip("\n"))
+    note(f"synapse: error: {redact(message, secrets)}")
+
+
+def _prepare_streams() -> None:
+    """Characters an encoding cannot hold are written as ``?``, never a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+
+
+def _silence_stdout() -> None:
+    """Point a failed stdout at /dev/null, so that the interpreter's last
+    flush of what is still buffered cannot fail (and say so) again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one synapse command; returns its exit status (SPEC §2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config: Optional[Config] = None
+    _prepare_streams()
     try:
         args = parse_arguments(argv)
         config = load_config(args.config)
-        return args.handler(args, config)
+        status = args.handler(args, config)
+        emit("", exact=True)  # a stream that failed says so here, where it is reported
+        return status
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Terminated as exc:
+        return exc.exit_code
+    except BrokenPipeError:  # the reader went away (synapse ... | head): no message
+        _silence_stdout()
+        return EXIT_FAILURE
     except SynapseError as exc:
+        if isinstance(exc, OutputError):
+            _silence_stdout()
         report_error(str(exc), config)
         return exc.exit_code
-    except BrokenPipeError:
-        # The reader went away (synapse ... | head): not worth a message.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILURE
     except Exception as exc:  # a bug: still one line, traceback on request
         report_error(f"unexpected {type(exc).__name__}: {exc} (run with SYNAPSE_DEBUG=1 "
                      f"for a traceback and report it)", config)
