@@ -45,6 +45,7 @@ WORDS = ("the quick brown fox jumps over a lazy dog while python sqlite terminal
          "model reply stream session config provider error cache index query plan").split()
 SITE_COST_WARNING = 0.005  # seconds: a bare venv's site costs about 1 ms
 NEEDLE = "zanzibar"  # in one session of every thousand
+INSERT_MESSAGE = "INSERT INTO messages (id, session_id, role, content, timestamp) VALUES (?, ?, ?, ?, ?)"
 
 
 @dataclass
@@ -129,7 +130,8 @@ def build_database(path: Path, sessions: int, messages_each: int, rng: random.Ra
         sid = str(uuid.uuid4())
         created = now - timedelta(days=60) + timedelta(seconds=i * 60 * 86400 / max(sessions, 1))
         stamp = synapse.format_timestamp(created)
-        conn.execute("INSERT INTO sessions VALUES (?, ?, 'echo', 'echo', NULL, ?, ?)",
+        conn.execute("INSERT INTO sessions (id, name, provider, model, created_at, updated_at)"
+                     " VALUES (?, ?, 'echo', 'echo', ?, ?)",
                      (sid, f"session {i}" if i % 3 == 0 else None, stamp, stamp))
         rows = []
         for j in range(messages_each):
@@ -138,7 +140,7 @@ def build_database(path: Path, sessions: int, messages_each: int, rng: random.Ra
                 content += f" {NEEDLE.upper()} appears here"
             rows.append((str(synapse.new_message_id()), sid, "user" if j % 2 == 0 else "assistant",
                          content, stamp))
-        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", rows)
+        conn.executemany(INSERT_MESSAGE, rows)
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -152,7 +154,7 @@ def build_long_session(path: Path, messages: int, rng: random.Random) -> str:
     conn = synapse.connect(str(path))
     stamp = synapse.format_timestamp(datetime.now(timezone.utc))
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", [
+    conn.executemany(INSERT_MESSAGE, [
         (str(synapse.new_message_id()), str(session.id), "user" if j % 2 == 0 else "assistant",
          " ".join(rng.choices(WORDS, k=rng.randint(20, 80))), stamp) for j in range(messages)])
     conn.execute("COMMIT")

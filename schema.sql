@@ -27,3 +27,13 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS idx_messages_session ON messages(session_id);
 CREATE INDEX IF NOT EXISTS idx_messages_timestamp ON messages(timestamp);
 CREATE INDEX IF NOT EXISTS idx_sessions_updated ON sessions(updated_at);
+
+-- migration: 2 who wrote each reply, its tokens and stop reason; where a fork came from
+-- All nullable: user messages and the rows of version 1 have none of it.
+-- forked_from is plain text, not a foreign key: the source may be deleted later.
+ALTER TABLE messages ADD COLUMN provider TEXT;
+ALTER TABLE messages ADD COLUMN model TEXT;
+ALTER TABLE messages ADD COLUMN input_tokens INTEGER;
+ALTER TABLE messages ADD COLUMN output_tokens INTEGER;
+ALTER TABLE messages ADD COLUMN stop_reason TEXT;
+ALTER TABLE sessions ADD COLUMN forked_from TEXT;

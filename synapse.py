@@ -275,9 +275,11 @@ def parse_uuid(text: str) -> uuid.UUID:
         raise InvalidData(f"{text!r} is not a UUID") from None
 
 
-class Session(namedtuple("Session", "id name provider model system_prompt created_at updated_at")):
+class Session(namedtuple("Session", "id name provider model system_prompt created_at updated_at"
+                                   " forked_from", defaults=(None,))):
     """A conversation: ``id`` a UUID, ``name`` and ``system_prompt`` str or None,
-    ``provider`` and ``model`` str, ``created_at`` and ``updated_at`` datetimes."""
+    ``provider`` and ``model`` str, ``created_at`` and ``updated_at`` datetimes,
+    ``forked_from`` the UUID of the session it was forked from, or None."""
 
     __slots__ = ()
 
@@ -301,15 +303,20 @@ class SessionSummary(namedtuple("SessionSummary", "id name provider model create
     __slots__ = ()
 
 
-class StoredMessage(namedtuple("StoredMessage", "id session_id role content timestamp")):
+class StoredMessage(namedtuple("StoredMessage", "id session_id role content timestamp provider model"
+                                                " input_tokens output_tokens stop_reason",
+                               defaults=(None, None, None, None, None))):
     """One message: ``id`` and ``session_id`` UUIDs, ``role`` a Role,
-    ``content`` str, ``timestamp`` a datetime."""
+    ``content`` str, ``timestamp`` a datetime.  A reply also records who wrote
+    it (``provider``, ``model``), its ``input_tokens`` and ``output_tokens``
+    as reported (int or None) and its ``stop_reason`` (SPEC §11); a user
+    message leaves them None."""
 
     __slots__ = ()
 
     @classmethod
-    def new(cls, session_id: uuid.UUID, role: Role, content: str) -> "StoredMessage":
-        return cls(new_message_id(), session_id, Role(role), content, utc_now())
+    def new(cls, session_id: uuid.UUID, role: Role, content: str, **fields: Any) -> "StoredMessage":
+        return cls(new_message_id(), session_id, Role(role), content, utc_now(), **fields)
 
 
 class CleanupResult(namedtuple("CleanupResult", "sessions_deleted by_max_limit by_retention")):
@@ -950,7 +957,8 @@ def _key(value: object) -> str:
 
 def _session_from_row(row: Sequence) -> Session:
     return Session(parse_uuid(row[0]), row[1], row[2], row[3], row[4],
-                   parse_timestamp(row[5]), parse_timestamp(row[6]))
+                   parse_timestamp(row[5]), parse_timestamp(row[6]),
+                   parse_uuid(row[7]) if row[7] is not None else None)
 
 
 def _summary_from_row(row: Sequence) -> SessionSummary:
@@ -965,7 +973,7 @@ def _message_from_row(row: Sequence) -> StoredMessage:
     except ValueError:
         raise InvalidData(f"message {row[0]} has unknown role {row[2]!r}") from None
     return StoredMessage(parse_uuid(row[0]), parse_uuid(row[1]), role, row[3],
-                         parse_timestamp(row[4]))
+                         parse_timestamp(row[4]), *row[5:])
 
 
 # The summary columns shared by listing and search.  The preview reads only the
@@ -977,8 +985,9 @@ _SUMMARY_COLUMNS = """
     (SELECT substr(m.content, 1, 2000) FROM messages m
       WHERE m.session_id = s.id AND m.role = 'user' ORDER BY m.rowid LIMIT 1)
 """
-_SESSION_COLUMNS = "id, name, provider, model, system_prompt, created_at, updated_at"
-_MESSAGE_COLUMNS = "id, session_id, role, content, timestamp"
+_SESSION_COLUMNS = "id, name, provider, model, system_prompt, created_at, updated_at, forked_from"
+_MESSAGE_COLUMNS = ("id, session_id, role, content, timestamp, provider, model, input_tokens,"
+                    " output_tokens, stop_reason")
 
 
 def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
@@ -992,9 +1001,9 @@ def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
 
 def _insert_messages(conn: sqlite3.Connection, messages: Iterable[StoredMessage]) -> None:
     conn.executemany(
-        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(_key(m.id), _key(m.session_id), Role(m.role).value, m.content,
-          format_timestamp(m.timestamp)) for m in messages])
+          format_timestamp(m.timestamp), *m[5:]) for m in messages])
 
 
 # A search word common in a long history matches thousands of sessions; a
@@ -1150,10 +1159,11 @@ class SqliteStore:
     def create_session(self, session: Session, messages: Sequence[StoredMessage] = ()) -> None:
         with self._write() as conn:
             conn.execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (_key(session.id), session.name, session.provider, session.model,
                  session.system_prompt, format_timestamp(session.created_at),
-                 format_timestamp(session.updated_at)))
+                 format_timestamp(session.updated_at),
+                 _key(session.forked_from) if session.forked_from is not None else None))
             _insert_messages(conn, messages)
 
     def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
@@ -2362,13 +2372,18 @@ def summary_json(summary: SessionSummary) -> Dict[str, object]:
             "message_count": summary.message_count, "preview": summary.preview}
 
 
-def session_json(session: Session, messages: Sequence[StoredMessage]) -> Dict[str, object]:
+def session_json(session: Session, messages: Iterable[StoredMessage]) -> Dict[str, object]:
+    """What ``show --json`` prints, and each line of ``export --all``."""
     return {"id": str(session.id), "name": session.name, "provider": session.provider,
             "model": session.model, "system_prompt": session.system_prompt,
             "created_at": format_timestamp(session.created_at),
             "updated_at": format_timestamp(session.updated_at),
+            "forked_from": str(session.forked_from) if session.forked_from else None,
             "messages": [{"id": str(m.id), "role": m.role.value, "content": m.content,
-                          "timestamp": format_timestamp(m.timestamp)} for m in messages]}
+                          "timestamp": format_timestamp(m.timestamp), "provider": m.provider,
+                          "model": m.model, "input_tokens": m.input_tokens,
+                          "output_tokens": m.output_tokens, "stop_reason": m.stop_reason}
+                         for m in messages]}
 
 
 # json.dumps escapes C0 controls but not DEL, C1 and the bidirectional

@@ -375,6 +375,8 @@ def set_updated(path, session_id, moment: datetime) -> None:
 
 
 NOW = datetime.now(timezone.utc)
+# Rows written straight to a database, as other tools or older versions might.
+INSERT_MESSAGE = "INSERT INTO messages (id, session_id, role, content, timestamp) VALUES"
 
 
 # ---------------------------------------------------------------------------
@@ -392,10 +394,17 @@ def test_role_values_and_records():
     assert synapse.SessionConfig() == synapse.SessionConfig(100, 90, True, None)
     # The fields, in SPEC §4's order, so positional construction means the same.
     assert synapse.Session._fields == ("id", "name", "provider", "model", "system_prompt",
-                                       "created_at", "updated_at")
+                                       "created_at", "updated_at", "forked_from")
+    assert session.forked_from is None
     assert synapse.SessionSummary._fields == ("id", "name", "provider", "model", "created_at",
                                               "updated_at", "message_count", "preview")
-    assert synapse.StoredMessage._fields == ("id", "session_id", "role", "content", "timestamp")
+    assert synapse.StoredMessage._fields == ("id", "session_id", "role", "content", "timestamp",
+                                             "provider", "model", "input_tokens", "output_tokens",
+                                             "stop_reason")
+    assert message[5:] == (None,) * 5
+    reply = synapse.StoredMessage.new(session.id, synapse.Role.ASSISTANT, "yo", provider="echo",
+                                      model="echo", input_tokens=1, output_tokens=2, stop_reason="stop")
+    assert reply[5:] == ("echo", "echo", 1, 2, "stop")
     assert synapse.CleanupResult._fields == ("sessions_deleted", "by_max_limit", "by_retention")
     assert synapse.SessionConfig._fields == ("max_sessions", "retention_days", "auto_cleanup",
                                              "database_url")
@@ -547,12 +556,21 @@ def test_new_databases_get_16k_pages_and_old_ones_keep_theirs(tmp_path):
         assert [m.content for m in store.get_messages(session.id)] == ["still works"]
 
 
-def test_schema_of_migration_one(store):
+def test_schema_of_migrations_one_and_two(store):
     conn = store._conn
     columns = {row[1]: (row[2], row[3], row[5]) for row in conn.execute("PRAGMA table_info(sessions)")}
     assert columns == {"id": ("TEXT", 1, 1), "name": ("TEXT", 0, 0), "provider": ("TEXT", 1, 0),
                        "model": ("TEXT", 1, 0), "system_prompt": ("TEXT", 0, 0),
-                       "created_at": ("TEXT", 1, 0), "updated_at": ("TEXT", 1, 0)}
+                       "created_at": ("TEXT", 1, 0), "updated_at": ("TEXT", 1, 0),
+                       "forked_from": ("TEXT", 0, 0)}
+    columns = {row[1]: (row[2], row[3], row[5]) for row in conn.execute("PRAGMA table_info(messages)")}
+    assert columns == {"id": ("TEXT", 1, 1), "session_id": ("TEXT", 1, 0), "role": ("TEXT", 1, 0),
+                       "content": ("TEXT", 1, 0), "timestamp": ("TEXT", 1, 0),
+                       "provider": ("TEXT", 0, 0), "model": ("TEXT", 0, 0),
+                       "input_tokens": ("INTEGER", 0, 0), "output_tokens": ("INTEGER", 0, 0),
+                       "stop_reason": ("TEXT", 0, 0)}
+    # forked_from is plain text: the session it names may be deleted later.
+    assert conn.execute("PRAGMA foreign_key_list(sessions)").fetchall() == []
     fks = conn.execute("PRAGMA foreign_key_list(messages)").fetchall()
     assert [(f[2], f[3], f[4], f[6]) for f in fks] == [("sessions", "session_id", "id", "CASCADE")]
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -614,6 +632,31 @@ def test_database_at_migration_one_is_upgraded_without_loss(tmp_path):
     # Applying again changes nothing.
     assert synapse.apply_migrations(conn, [*migrations, extra]) == extra.number
     conn.close()
+
+
+def test_a_version_one_database_with_data_migrates_in_place(tmp_path):
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    for statement in synapse.load_migrations()[0].statements:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    sid, stamp = str(uuid.uuid4()), synapse.format_timestamp(NOW)
+    conn.execute("INSERT INTO sessions VALUES (?, 'kept', 'openai', 'gpt-4o', 'be brief', ?, ?)",
+                 (sid, stamp, stamp))
+    rows = [(str(synapse.new_message_id()), sid, role, text, stamp)
+            for role, text in (("user", "a question"), ("assistant", "an answer"))]
+    conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", rows)
+    conn.commit()
+    conn.close()
+    with synapse.SqliteStore(str(path)) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] >= 2
+        session = store.get_session(uuid.UUID(sid))
+        assert (session.name, session.system_prompt, session.forked_from) == ("kept", "be brief", None)
+        messages = store.get_messages(session.id)
+        assert [(m.role.value, m.content) for m in messages] == [("user", "a question"),
+                                                                   ("assistant", "an answer")]
+        assert all(m[5:] == (None,) * 5 for m in messages)
+        assert [str(m.id) for m in messages] == [r[0] for r in rows]
 
 
 def test_failed_migration_leaves_the_whole_previous_version(tmp_path):
@@ -768,7 +811,7 @@ def test_cleanup_protects_the_session_being_continued(store, monkeypatch, bulk):
     sessions = aged_sessions(store, [200, 50, 40, 30])
     protected = sessions[0]
     # Its message is as old as any doomed one: the bulk path's rowid range holds it.
-    store._conn.execute("INSERT INTO messages VALUES (?, ?, 'user', 'mine', ?)", (
+    store._conn.execute(INSERT_MESSAGE + " (?, ?, 'user', 'mine', ?)", (
         str(synapse.new_message_id()), str(protected.id),
         synapse.format_timestamp(NOW - timedelta(days=200))))
     if bulk:
@@ -1118,7 +1161,9 @@ def test_sessions_show_plain_and_json(user):
     assert data["id"] == sid and data["system_prompt"] == "Be terse."
     assert [(m["role"], m["content"]) for m in data["messages"]] == [
         ("user", "hello there"), ("assistant", "hello there")]
-    assert set(data["messages"][0]) == {"id", "role", "content", "timestamp"}
+    assert set(data["messages"][0]) == {"id", "role", "content", "timestamp", "provider", "model",
+                                        "input_tokens", "output_tokens", "stop_reason"}
+    assert data["forked_from"] is None
 
 
 def test_sessions_delete_several_with_one_unknown(user):
@@ -2961,7 +3006,7 @@ def varied_history(path: Path, sessions: int = 40, seed: int = 3) -> Dict[str, s
         session = make_session(store, created=created, updated=updated)
         stamps = sorted(created + (updated - created) * rng.random() for _ in range(rng.randint(0, 6)))
         for j, stamp in enumerate(stamps):
-            store._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", (
+            store._conn.execute(INSERT_MESSAGE + " (?, ?, ?, ?, ?)", (
                 str(synapse.new_message_id()), str(session.id), "user" if j % 2 == 0 else "assistant",
                 f"message {i}.{j}", synapse.format_timestamp(stamp)))
         set_updated(path, session.id, updated)
@@ -2973,7 +3018,7 @@ def varied_history(path: Path, sessions: int = 40, seed: int = 3) -> Dict[str, s
     # A session kept by every config whose messages are as old as the doomed ones.
     survivor = make_session(store, created=NOW - timedelta(days=250), updated=NOW)
     for j in range(3):
-        store._conn.execute("INSERT INTO messages VALUES (?, ?, 'user', ?, ?)", (
+        store._conn.execute(INSERT_MESSAGE + " (?, ?, 'user', ?, ?)", (
             str(synapse.new_message_id()), str(survivor.id), f"old but kept {j}",
             synapse.format_timestamp(NOW - timedelta(days=250 - j))))
     store.close()
