@@ -14,8 +14,10 @@ The module reads top to bottom in the order data flows:
 4. storage            -- the SessionStore protocol, migrations, SqliteStore
 5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo
 6. chat flow          -- a Conversation: store, send, stream, store
-7. command line       -- argparse, the chat and ``sessions`` commands, the REPL
-8. main               -- the one place that maps exceptions to exit codes
+7. portability        -- the JSON a session is written as, and the readers of
+                         Synapse, ChatGPT and llm files to import
+8. command line       -- argparse, the chat and ``sessions`` commands, the REPL
+9. main               -- the one place that maps exceptions to exit codes
 
 The contract it honours is SPEC.md.  ``requests`` is imported only when a
 provider is actually called, so ``--help``, ``--version`` and every
@@ -117,6 +119,12 @@ class MigrationError(StorageError):
 
 class InvalidData(StorageError):
     """A stored row that cannot be turned back into a record."""
+
+
+class ImportFailure(SynapseError):
+    """A file ``sessions import`` cannot take (malformed, truncated, hostile or
+    foreign): nothing of it is imported.  The message names what is wrong and
+    where (a line, a conversation); the command puts the file's name first."""
 
 
 class AmbiguousSessionID(SynapseError):
@@ -329,6 +337,23 @@ class SessionConfig(namedtuple("SessionConfig", "max_sessions retention_days aut
                                defaults=(100, 90, True, None))):
     """The ``[session]`` table: ``max_sessions`` and ``retention_days`` ints
     (0 turns each off), ``auto_cleanup`` a bool, ``database_url`` str or None."""
+
+    __slots__ = ()
+
+
+class ImportCounts(namedtuple("ImportCounts", "sessions messages unchanged")):
+    """What importing one file adds (ints): the ``sessions`` it creates or
+    gives messages, those ``messages``, and the sessions it finds ``unchanged``
+    (already up to date)."""
+
+    __slots__ = ()
+
+
+class ImportedSession(namedtuple("ImportedSession", "where session messages")):
+    """A session as read from a file to import: ``session`` its row and
+    ``messages`` its messages' rows, tuples in the stored columns' order with
+    IDs and times as stored text; ``where`` says where in the file it was
+    ("line 3", "item 2 (conversation …)")."""
 
     __slots__ = ()
 
@@ -701,8 +726,9 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
 # 4. Storage
 #
 # The SessionStore protocol, the migration runner that reads schema.sql, and
-# SqliteStore.  It takes and returns records (section 2) and raises
-# StorageError; it knows nothing of the command line and prints nothing.
+# SqliteStore.  It takes and returns records (section 2) -- rows, for export,
+# import and backup, which move whole histories -- and raises StorageError;
+# it knows nothing of the command line and prints nothing.
 # ---------------------------------------------------------------------------
 
 
@@ -816,6 +842,19 @@ BUSY_TIMEOUT = 60.0
 NEW_DATABASE_PAGE_SIZE = 16384
 
 
+def create_private_file(path: str) -> int:
+    """Create ``path``, which must not exist (FileExistsError), readable and
+    writable by its owner alone whatever the umask: it will hold conversations.
+    Returns its descriptor, open for writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _prepare_database_file(path: str) -> None:
     """Refuse what is not SQLite; create the file 0600 in a 0700 folder."""
     if path == ":memory:":
@@ -844,15 +883,11 @@ def _prepare_database_file(path: str) -> None:
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o700, exist_ok=True)
             os.chmod(folder, 0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(create_private_file(path))
     except FileExistsError:
         return  # another synapse created it a moment ago
     except OSError as exc:
         raise DatabaseError(f"cannot create database {path}: {exc.strerror or exc}") from None
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-    finally:
-        os.close(fd)
 
 
 def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connection:
@@ -985,9 +1020,28 @@ _SUMMARY_COLUMNS = """
     (SELECT substr(m.content, 1, 2000) FROM messages m
       WHERE m.session_id = s.id AND m.role = 'user' ORDER BY m.rowid LIMIT 1)
 """
-_SESSION_COLUMNS = "id, name, provider, model, system_prompt, created_at, updated_at, forked_from"
-_MESSAGE_COLUMNS = ("id, session_id, role, content, timestamp, provider, model, input_tokens,"
-                    " output_tokens, stop_reason")
+# The stored columns, in the order of the records' fields.  They are also the
+# keys of ``show --json``'s objects (a message's without its session_id),
+# which ``export --all`` writes straight from the rows and import reads back.
+SESSION_FIELDS = ("id", "name", "provider", "model", "system_prompt", "created_at", "updated_at",
+                  "forked_from")
+MESSAGE_FIELDS = ("id", "role", "content", "timestamp", "provider", "model", "input_tokens",
+                  "output_tokens", "stop_reason")
+_SESSION_COLUMNS = ", ".join(SESSION_FIELDS)
+_MESSAGE_COLUMNS = ", ".join(("id", "session_id", *MESSAGE_FIELDS[1:]))
+
+
+def _session_row(session: Session) -> tuple:
+    """A Session as stored: in _SESSION_COLUMNS order, IDs and times as text."""
+    return (_key(session.id), session.name, session.provider, session.model, session.system_prompt,
+            format_timestamp(session.created_at), format_timestamp(session.updated_at),
+            _key(session.forked_from) if session.forked_from is not None else None)
+
+
+def _message_row(message: StoredMessage) -> tuple:
+    """A StoredMessage as stored, in _MESSAGE_COLUMNS order."""
+    return (_key(message.id), _key(message.session_id), Role(message.role).value, message.content,
+            format_timestamp(message.timestamp), *message[5:])
 
 
 def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
@@ -1002,8 +1056,7 @@ def _touch(conn: sqlite3.Connection, session_key: str, **columns: str) -> None:
 def _insert_messages(conn: sqlite3.Connection, messages: Iterable[StoredMessage]) -> None:
     conn.executemany(
         f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(_key(m.id), _key(m.session_id), Role(m.role).value, m.content,
-          format_timestamp(m.timestamp), *m[5:]) for m in messages])
+        [_message_row(m) for m in messages])
 
 
 # A search word common in a long history matches thousands of sessions; a
@@ -1019,24 +1072,26 @@ def _casefold_contains(content: Optional[str], needle: str) -> bool:
     return content is not None and needle in content.casefold()
 
 
-def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID]
+def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID],
+                     sessions: str = "sessions"
                      ) -> Tuple[int, List[Tuple[str, str, Mapping[str, object]]]]:
     """How many sessions there are, and the queries that choose what a cleanup
     deletes: (reason, a SELECT of the doomed sessions' ``id, updated_at``, its
-    parameters)."""
+    parameters).  ``sessions`` names the table to choose from: the import's
+    guard chooses from the sessions as an import would leave them."""
     cutoff = ""  # every stored timestamp sorts after it
     if config.retention_days > 0:
         cutoff = format_timestamp(utc_now() - timedelta(days=config.retention_days))
     params: Dict[str, object] = {"keep": _key(protect) if protect is not None else "",
                                  "cutoff": cutoff}
-    past_retention = "SELECT id, updated_at FROM sessions WHERE updated_at < :cutoff AND id != :keep"
+    past_retention = f"SELECT id, updated_at FROM {sessions} WHERE updated_at < :cutoff AND id != :keep"
     choices = [("retention", past_retention, params)]
-    total = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    total = conn.execute(f"SELECT count(*) FROM {sessions}").fetchone()[0]
     if config.max_sessions > 0:
         expired = conn.execute(f"SELECT count(*) FROM ({past_retention})", params).fetchone()[0]
         excess = total - expired - config.max_sessions
         if excess > 0:
-            choices.append(("max", "SELECT id, updated_at FROM sessions"
+            choices.append(("max", f"SELECT id, updated_at FROM {sessions}"
                             " WHERE updated_at >= :cutoff AND id != :keep"
                             " ORDER BY updated_at, created_at, rowid LIMIT :excess",
                             {**params, "excess": excess}))
@@ -1108,6 +1163,75 @@ def make_snippet(content: str, needle: str, width: int = 70) -> str:
     return ("\u2026" if start > 0 else "") + piece + ("\u2026" if start + width < len(content) else "")
 
 
+# An import reads and checks every file whole before it writes anything, and
+# holds the write lock only for each file's one merge transaction.  Meanwhile
+# the rows wait in temporary tables of the store's own connection: SQLite keeps
+# them in a file of their own, not in memory, whatever the size of the import;
+# they take no lock on the database and vanish with the connection.  ``file``
+# is a file's place on the command line, ``seq`` (a message's rowid) its place
+# among the messages of all the files.
+_STAGING_TABLES = (
+    f"CREATE TEMP TABLE import_sessions (file INTEGER NOT NULL, {_SESSION_COLUMNS},"
+    " PRIMARY KEY (id, file))",
+    f"CREATE TEMP TABLE import_messages (seq INTEGER PRIMARY KEY, file INTEGER NOT NULL,"
+    f" {_MESSAGE_COLUMNS})",
+)
+# A session twice in one file (two exports joined) keeps its first fields and
+# the later updated_at.
+_STAGE_SESSION = (f"INSERT INTO import_sessions (file, {_SESSION_COLUMNS})"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, file)"
+                  " DO UPDATE SET updated_at = max(updated_at, excluded.updated_at)")
+_STAGE_MESSAGE = (f"INSERT INTO import_messages (file, {_MESSAGE_COLUMNS})"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Staged rows flushed to the tables at a time: few statements, flat memory.
+STAGING_BATCH = 5000
+# A staged message ``m`` the database lacks: it is not stored, and no earlier
+# staged file brings it (a message, like a session, is known by its ID).
+_NEW_MESSAGE = ("NOT EXISTS (SELECT 1 FROM main.messages x WHERE x.id = m.id)"
+                " AND NOT EXISTS (SELECT 1 FROM import_messages e WHERE e.id = m.id AND e.seq < m.seq)")
+# A staged session ``s`` the database has, or an earlier staged file brings.
+_KNOWN_SESSION = ("(EXISTS (SELECT 1 FROM main.sessions x WHERE x.id = s.id)"
+                  " OR EXISTS (SELECT 1 FROM import_sessions e WHERE e.id = s.id AND e.file < s.file))")
+# ImportCounts of one staged file: it only reads, so a dry run asks it too.
+_IMPORT_COUNTS = f"""
+    WITH added AS (SELECT m.session_id, count(*) AS messages FROM import_messages m
+                    WHERE m.file = :file AND {_NEW_MESSAGE} GROUP BY m.session_id)
+    SELECT coalesce(sum(NOT staged.known OR added.messages > 0), 0),
+           coalesce(sum(added.messages), 0),
+           coalesce(sum(staged.known AND added.messages IS NULL), 0)
+      FROM (SELECT s.id, {_KNOWN_SESSION} AS known FROM import_sessions s WHERE s.file = :file) staged
+      LEFT JOIN added ON added.session_id = staged.id"""
+_MERGE_IMPORT = (
+    # A session already stored keeps its own fields and takes the later updated_at ...
+    "UPDATE sessions SET updated_at = (SELECT s.updated_at FROM import_sessions s"
+    "                                   WHERE s.file = :file AND s.id = sessions.id)"
+    " WHERE id IN (SELECT s.id FROM import_sessions s JOIN sessions x ON x.id = s.id"
+    "               WHERE s.file = :file AND s.updated_at > x.updated_at)",
+    # ... and gains the messages it lacks after its own, in the files' order
+    # (rowid order is the order a session's messages come back in).  What is
+    # stored already, or came first, is the primary key's to ignore: asking
+    # first would have SQLite copy the rows aside before inserting them.
+    f"INSERT OR IGNORE INTO sessions ({_SESSION_COLUMNS}) SELECT {_SESSION_COLUMNS}"
+    " FROM import_sessions WHERE file = :file ORDER BY rowid",
+    f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLUMNS}) SELECT {_MESSAGE_COLUMNS}"
+    " FROM import_messages WHERE file = :file ORDER BY seq",
+)
+# The sessions as the staged files would leave them, for the cleanup guard:
+# the stored ones in their order, then the new ones; ``imported`` marks those
+# the import creates or adds messages to.
+_IMPORT_OUTCOME = (
+    "CREATE TEMP TABLE IF NOT EXISTS import_outcome (id TEXT PRIMARY KEY,"
+    " created_at TEXT NOT NULL, updated_at TEXT NOT NULL, imported INTEGER NOT NULL)",
+    "DELETE FROM import_outcome",
+    "INSERT INTO import_outcome SELECT id, created_at, updated_at, 0 FROM main.sessions ORDER BY rowid",
+    "INSERT INTO import_outcome SELECT id, created_at, max(updated_at), 1 FROM import_sessions"
+    " WHERE true GROUP BY id ORDER BY min(rowid)"
+    " ON CONFLICT (id) DO UPDATE SET updated_at = max(updated_at, excluded.updated_at)",
+    "UPDATE import_outcome SET imported = 1 WHERE id IN"
+    f" (SELECT m.session_id FROM import_messages m WHERE {_NEW_MESSAGE})",
+)
+
+
 class SqliteStore:
     """The SessionStore on one SQLite file."""
 
@@ -1158,12 +1282,8 @@ class SqliteStore:
 
     def create_session(self, session: Session, messages: Sequence[StoredMessage] = ()) -> None:
         with self._write() as conn:
-            conn.execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (_key(session.id), session.name, session.provider, session.model,
-                 session.system_prompt, format_timestamp(session.created_at),
-                 format_timestamp(session.updated_at),
-                 _key(session.forked_from) if session.forked_from is not None else None))
+            conn.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         _session_row(session))
             _insert_messages(conn, messages)
 
     def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
@@ -1237,6 +1357,124 @@ class SqliteStore:
                       for why, sql, params in _cleanup_choices(self._conn, config, protect)[1]}
         return (_cleanup_result({why: len(ids) for why, ids in doomed.items()}),
                 [i for ids in doomed.values() for i in ids])
+
+    def export_rows(self) -> Iterator[Tuple[tuple, List[tuple]]]:
+        """Every session's row with its messages' rows (in MESSAGE_FIELDS order),
+        by ``created_at``, a session at a time (memory does not grow with the
+        database), all from one snapshot.  Close it when done."""
+        conn = self._conn
+        with self._errors():
+            conn.execute("BEGIN")  # one read transaction: a consistent snapshot
+            try:
+                sessions = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions"
+                                        " ORDER BY created_at, rowid")
+                for row in sessions:
+                    yield row, conn.execute(f"SELECT {', '.join(MESSAGE_FIELDS)} FROM messages"
+                                            " WHERE session_id = ? ORDER BY rowid", (row[0],)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+
+    def stage_import(self, file: int, sessions: Iterable[ImportedSession]) -> None:
+        """Stage one file's sessions for ``import_counts`` and ``merge_import``:
+        all of them, or none when reading fails part-way (the error goes on).
+        It writes only the connection's temporary tables, under no lock."""
+        conn = self._conn
+        with self._errors():
+            if not conn.execute("SELECT 1 FROM sqlite_temp_master WHERE name = 'import_sessions'"
+                                ).fetchone():
+                # Before any temporary table: changing it drops them.  On disk,
+                # so that memory stays flat whatever the file's size.
+                conn.execute("PRAGMA temp_store = FILE")
+                for statement in _STAGING_TABLES:
+                    conn.execute(statement)
+            conn.execute("BEGIN")
+            try:
+                session_rows: List[tuple] = []
+                message_rows: List[tuple] = []
+                for session in sessions:
+                    session_rows.append((file, *session.session))
+                    message_rows.extend((file, *m) for m in session.messages)
+                    if len(session_rows) + len(message_rows) >= STAGING_BATCH:
+                        conn.executemany(_STAGE_SESSION, session_rows)
+                        conn.executemany(_STAGE_MESSAGE, message_rows)
+                        session_rows, message_rows = [], []
+                conn.executemany(_STAGE_SESSION, session_rows)
+                conn.executemany(_STAGE_MESSAGE, message_rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _staged(self) -> sqlite3.Connection:
+        """The connection, once every file is staged, with the staged messages
+        indexed (in one sorted pass, rather than row by row while staging)."""
+        self._conn.execute("CREATE INDEX IF NOT EXISTS temp.import_messages_id"
+                           " ON import_messages (id)")
+        return self._conn
+
+    def import_counts(self, file: int) -> ImportCounts:
+        """What merging the staged ``file`` would add now.  It only reads."""
+        with self._errors():
+            return ImportCounts(*self._staged().execute(_IMPORT_COUNTS, {"file": file}).fetchone())
+
+    def merge_import(self, file: int) -> ImportCounts:
+        """Merge the staged ``file`` into the database, in one transaction: new
+        sessions whole, and to those already stored the messages they lack."""
+        with self._errors():
+            self._staged()
+        with self._write() as conn:
+            counts = ImportCounts(*conn.execute(_IMPORT_COUNTS, {"file": file}).fetchone())
+            for statement in _MERGE_IMPORT:
+                conn.execute(statement, {"file": file})
+        return counts
+
+    def doomed_imports(self, config: SessionConfig) -> CleanupResult:
+        """How many sessions that the staged files create or add messages to
+        a cleanup with ``config`` would delete once they are merged, as the
+        next chat's automatic one would.  It only reads the database."""
+        with self._errors():
+            conn = self._staged()
+            conn.execute("BEGIN")  # one snapshot; only temporary tables are written
+            try:
+                for statement in _IMPORT_OUTCOME:
+                    conn.execute(statement)
+                counts = {why: conn.execute("SELECT count(*) FROM import_outcome WHERE imported"
+                                            f" AND id IN (SELECT id FROM ({sql}))", params).fetchone()[0]
+                          for why, sql, params in _cleanup_choices(conn, config, None,
+                                                                   "import_outcome")[1]}
+            finally:
+                conn.execute("COMMIT")
+        return _cleanup_result(counts)
+
+    def backup(self, path: str) -> None:
+        """A consistent copy of the database at ``path``, a new private file,
+        made by SQLite's online backup while other processes go on writing."""
+        if os.path.isdir(path):
+            raise StorageError(f"{path} is a directory; give the backup a new file name")
+        try:
+            os.close(create_private_file(path))
+        except FileExistsError:
+            raise StorageError(f"{path} already exists; a backup never overwrites a file, "
+                               f"give it a new name") from None
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            target = sqlite3.connect(path, isolation_level=None)
+            try:
+                # One step: the whole copy is read in one transaction, a
+                # snapshot that writers to the database do not disturb (WAL).
+                self._conn.backup(target)
+                # One self-contained file (the copy took the database's WAL mode).
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+        except BaseException as exc:
+            for leftover in ("", "-journal", "-wal", "-shm"):  # files of the copy alone
+                with contextlib.suppress(OSError):
+                    os.unlink(path + leftover)
+            if isinstance(exc, sqlite3.Error):
+                raise DatabaseError(f"the backup failed: {describe_sqlite_error(exc, path)}") from None
+            raise
 
     def find_session_ids(self, prefix: str, limit: int = 20) -> List[str]:
         """Stored IDs starting with ``prefix`` (hyphenated, lower case)."""
@@ -2119,7 +2357,790 @@ def read_message(argument: Optional[str], stdin: Optional[TextIO]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 7. Command line
+# 7. Portability -- export as JSON Lines, import from Synapse, ChatGPT and llm
+#    files, backup
+#
+# The JSON a session is written as, and the readers of every kind of file
+# ``sessions import`` takes.  A reader turns a file into ImportedSession
+# records, rows in the stored form, checked as they are read: a file that is
+# wrong anywhere raises ImportFailure (naming the line or conversation) before
+# any of it is written.  SqliteStore stages, merges and backs up (section 4);
+# the commands are in section 8.
+# ---------------------------------------------------------------------------
+
+
+def session_object(row: Sequence, message_rows: Iterable[Sequence]) -> Dict[str, object]:
+    """``show --json``'s object from stored rows: the session's in SESSION_FIELDS
+    order, its messages' in MESSAGE_FIELDS order."""
+    session: Dict[str, object] = dict(zip(SESSION_FIELDS, row))
+    session["messages"] = [dict(zip(MESSAGE_FIELDS, m)) for m in message_rows]
+    return session
+
+
+def session_json(session: Session, messages: Iterable[StoredMessage]) -> Dict[str, object]:
+    """What ``show --json`` prints: the object ``export --all`` writes from the rows."""
+    return session_object(_session_row(session),
+                          ((r[0], *r[2:]) for r in map(_message_row, messages)))
+
+
+# json.dumps escapes C0 controls but not DEL, C1 and the bidirectional
+# overrides; escaped too, JSON is safe on any terminal and decodes the same.
+# So are U+2028 and U+2029, where str.splitlines, and so many a reader of
+# JSON Lines, would end a line.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def json_text(value: object, indent: Optional[int] = 2) -> str:
+    """What ``--json`` and ``export --format json`` print; with ``indent``
+    None, one compact line of JSON Lines (``export --all``, ``--format jsonl``)."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent,
+                      separators=(",", ": ") if indent is not None else (",", ":"))
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+
+
+# -- the fields of a file to import --------------------------------------------------
+
+
+IMPORT_CHUNK = 1 << 20  # bytes read at a time
+MAX_ZIP_MEMBER = 1 << 30  # bytes a zip member may unpack to,
+MAX_ZIP_RATIO = 200  # and times its compressed size (a zip bomb is refused unread)
+MAX_COUNT = 2 ** 63 - 1  # what SQLite can store
+_JSON_KINDS: Mapping[str, tuple] = MappingProxyType({
+    "string": (str,), "integer": (int,), "number": (int, float), "object": (dict,),
+    "array": (list,)})
+_ROLES = frozenset(role.value for role in Role)
+_STORED_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_STORED_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
+# Any ISO 8601 date-time: a space for the T, seconds and fraction optional,
+# "Z", an offset or none (UTC).  It is rewritten for fromisoformat, which on
+# Python 3.9 takes neither "Z" nor fractions other than 3 or 6 digits long.
+_ISO_TIME = re.compile(r"(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d(?::\d\d)?)(?:[.,](\d+))?\s*"
+                       r"(Z|[+-]\d\d(?::?\d\d)?)?", re.IGNORECASE)
+
+
+def _fields(value: object, fields: Sequence[Tuple[str, str, bool]], where: str) -> List[Any]:
+    """The values of a JSON object's ``fields``, each (key, JSON kind -- a key
+    of _JSON_KINDS --, required), checked: one absent or null is None, unless
+    it is required."""
+    if type(value) is not dict:
+        raise ImportFailure(f"{where}: not a JSON object")
+    found = []
+    for key, kind, required in fields:
+        item = value.get(key)
+        if item is None:
+            if required:
+                raise ImportFailure(f"{where}: '{key}' is missing")
+        elif type(item) not in _JSON_KINDS[kind]:  # exactly: true is not an integer here
+            raise ImportFailure(f"{where}: '{key}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+        found.append(item)
+    return found
+
+
+def _field(value: object, key: str, kind: str, where: str, required: bool = False) -> Any:
+    return _fields(value, ((key, kind, required),), where)[0]
+
+
+def _checked_count(count: Optional[int], key: str, where: str) -> Optional[int]:
+    if count is not None and not 0 <= count <= MAX_COUNT:
+        raise ImportFailure(f"{where}: '{key}' must be a count from 0 to {MAX_COUNT}")
+    return count
+
+
+def imported_id(text: str, where: str) -> str:
+    """A UUID from a file in the stored form (hyphenated, lower case)."""
+    if _STORED_ID.fullmatch(text):
+        return text
+    try:
+        return _key(text)
+    except InvalidData:
+        raise ImportFailure(f"{where}: {shorten(text, 40)!r} is not a UUID") from None
+
+
+def foreign_id(source_key: str) -> str:
+    """The ID of a session or message from another tool, derived from its
+    own (SPEC §12: ``chatgpt:…``, ``llm:…``), so that a second import adds nothing."""
+    import uuid
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, source_key))
+
+
+def imported_time(text: str, where: str) -> str:
+    """An ISO 8601 date-time from a file in the stored form; naive is UTC."""
+    try:
+        if _STORED_TIME.fullmatch(text):  # most of an export: only the ranges to check
+            datetime.fromisoformat(text)
+            return text
+        match = _ISO_TIME.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(text)
+        day, clock, fraction, offset = match.groups()
+        offset = (offset or "+00:00").upper().replace("Z", "+00:00")
+        if ":" not in offset:
+            offset = f"{offset[:3]}:{offset[3:] or '00'}"
+        fraction = f".{fraction[:6].ljust(6, '0')}" if fraction else ""
+        return format_timestamp(parse_timestamp(f"{day}T{clock}{fraction}{offset}"))
+    except (ValueError, OverflowError, InvalidData):
+        raise ImportFailure(f"{where}: {shorten(text, 40)!r} is not an ISO 8601 date-time") from None
+
+
+def epoch_time(seconds: float, where: str) -> str:
+    """Seconds since 1970 (ChatGPT's times) in the stored form."""
+    try:
+        return format_timestamp(datetime.fromtimestamp(seconds, timezone.utc))
+    except (ValueError, OverflowError, OSError):
+        raise ImportFailure(f"{where}: {seconds!r} is not a valid time") from None
+
+
+# -- JSON, read a value at a time -------------------------------------------------
+
+
+_JSON_DECODER = json.JSONDecoder()
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The text of a surrogate escape: decoded, a pair is one character, a lone
+# one a string SQLite cannot store, which the decoded value is searched for.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class JsonValues:
+    """A window of decoded text over a file's chunks of bytes, from which
+    whole JSON values are taken one at a time, with line numbers: memory
+    holds one value, not the file (SPEC §12: a conversation at a time)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")()  # drops a leading BOM
+        self.text, self.pos, self._ended = "", 0, False
+        self._line, self._line_pos = 1, 0  # the line number at text[_line_pos]
+
+    def line_at(self, index: int) -> int:
+        # Counting only what was not counted yet keeps the numbering linear.
+        self._line += self.text.count("\n", self._line_pos, index)
+        self._line_pos = index
+        return self._line
+
+    def _fill(self, want: int) -> bool:
+        """Drop what was taken and read until ``want`` characters wait or the
+        file ends; False when nothing was added."""
+        self.line_at(self.pos)
+        pending = [self.text[self.pos:]]
+        have, grew = len(pending[0]), False
+        while have < want and not self._ended:
+            data = next(self._chunks, b"")
+            self._ended = not data
+            try:
+                text = self._utf8.decode(data, final=self._ended)
+            except UnicodeDecodeError:
+                raise ImportFailure(f"not valid UTF-8 (after line {self._line})") from None
+            pending.append(text)
+            have += len(text)
+            grew = grew or bool(text)
+        self.text, self.pos, self._line_pos = "".join(pending), 0, 0
+        return grew
+
+    def next_char(self) -> str:
+        """Skip whitespace; the next character, or '' at the end of the file."""
+        while True:
+            self.pos = _JSON_SPACE.match(self.text, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.text) or not self._fill(IMPORT_CHUNK):
+                return self.text[self.pos:self.pos + 1]
+
+    def value(self, where: str) -> Any:
+        """Decode the JSON value at the cursor, reading on while it may be incomplete."""
+        start = self.line_at(self.pos)
+        while True:
+            try:
+                value, end = _JSON_DECODER.raw_decode(self.text, self.pos)
+                if end < len(self.text) or self._ended:  # else a number may go on
+                    break
+            except json.JSONDecodeError as exc:
+                # An incomplete value fails near the end of the text read (or in
+                # an open string); anything else is wrong, and said at once.
+                if self._ended or not (exc.msg.startswith("Unterminated string")
+                                       or exc.pos >= len(self.text) - 16):
+                    at = self.line_at(max(exc.pos, self.pos))
+                    raise ImportFailure(f"{where}: invalid JSON: {exc.msg}"
+                                        + ("" if at == start else f" (line {at})")) from None
+            except (ValueError, RecursionError) as exc:  # a huge integer, deep nesting
+                raise ImportFailure(f"{where}: invalid JSON ({type(exc).__name__})") from None
+            # Doubling what waits before each retry bounds the retries of one
+            # value to O(log n): a single huge value still costs linear time.
+            self._fill(2 * (len(self.text) - self.pos))
+        if _SURROGATE_ESCAPE.search(self.text, self.pos, end) and _holds_lone_surrogate(value):
+            raise ImportFailure(f"{where}: a string holds an unpaired UTF-16 surrogate, "
+                                f"which is not text")
+        self.pos = end
+        return value
+
+
+def _holds_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(map(_holds_lone_surrogate, value))
+
+
+def iter_json_values(chunks: Iterator[bytes]) -> Iterator[Tuple[str, Any]]:
+    """(where, value): each element of a JSON array ("item N"), or each of
+    the JSON values one after another ("line N"): one object, or JSON Lines."""
+    reader = JsonValues(chunks)
+    first = reader.next_char()
+    if first == "[":
+        reader.pos += 1
+        count = 0
+        while True:
+            char = reader.next_char()
+            if not char:
+                raise ImportFailure(f"truncated: the JSON array ends after item {count}")
+            if char == "]":
+                break
+            if count:
+                if char != ",":
+                    raise ImportFailure(f"item {count}: invalid JSON: expected ',' or ']' after "
+                                        f"it (line {reader.line_at(reader.pos)})")
+                reader.pos += 1
+                reader.next_char()
+            count += 1
+            yield f"item {count}", reader.value(f"item {count}")
+        reader.pos += 1
+        if reader.next_char():
+            raise ImportFailure(f"unexpected data after the JSON array "
+                                f"(line {reader.line_at(reader.pos)})")
+    elif first == "{":
+        while reader.next_char():
+            where = f"line {reader.line_at(reader.pos)}"
+            yield where, reader.value(where)
+    elif first:
+        raise ImportFailure("not a Synapse, ChatGPT or llm file")
+
+
+def json_sessions(chunks: Iterator[bytes]) -> Iterator[ImportedSession]:
+    """The sessions of a JSON file: Synapse's (one ``show --json`` object, an
+    array of them, JSON Lines) or ChatGPT's conversations, as its first value says."""
+    read: Optional[Callable[[Any, str], Optional[ImportedSession]]] = None
+    for where, value in iter_json_values(chunks):
+        if read is None:
+            if not isinstance(value, dict) or not {"mapping", "messages"} & value.keys():
+                raise ImportFailure(f"{where}: neither a Synapse session nor a ChatGPT conversation")
+            read = chatgpt_session if "mapping" in value else synapse_session
+        session = read(value, where)
+        if session is not None:
+            yield session
+
+
+# -- Synapse's own files ---------------------------------------------------------
+
+
+# ``show --json``'s fields, in the stored columns' order: (key, JSON kind, required).
+_SYNAPSE_SESSION = (("id", "string", True), ("name", "string", False), ("provider", "string", True),
+                    ("model", "string", True), ("system_prompt", "string", False),
+                    ("created_at", "string", True), ("updated_at", "string", True),
+                    ("forked_from", "string", False), ("messages", "array", True))
+_SYNAPSE_MESSAGE = (("id", "string", True), ("role", "string", True), ("content", "string", True),
+                    ("timestamp", "string", True), ("provider", "string", False),
+                    ("model", "string", False), ("input_tokens", "integer", False),
+                    ("output_tokens", "integer", False), ("stop_reason", "string", False))
+
+
+def synapse_session(value: object, where: str) -> ImportedSession:
+    """One ``show --json`` object.  Files of older versions may lack the
+    SPEC §11 fields and ``forked_from``: they import as null."""
+    *row, messages = _fields(value, _SYNAPSE_SESSION, where)
+    session_id = row[0] = imported_id(row[0], f"{where}: 'id'")
+    row[5] = imported_time(row[5], f"{where}: 'created_at'")
+    row[6] = imported_time(row[6], f"{where}: 'updated_at'")
+    if row[7] is not None:
+        row[7] = imported_id(row[7], f"{where}: 'forked_from'")
+    return ImportedSession(where, tuple(row), [_synapse_message(m, session_id, f"{where}: message {i}")
+                                               for i, m in enumerate(messages, 1)])
+
+
+def _synapse_message(value: object, session_id: str, where: str) -> tuple:
+    (message_id, role, content, timestamp, provider, model, input_tokens, output_tokens,
+     stop_reason) = _fields(value, _SYNAPSE_MESSAGE, where)
+    if role not in _ROLES:
+        raise ImportFailure(f"{where}: 'role' must be user, assistant or system")
+    return (imported_id(message_id, f"{where}: 'id'"), session_id, role, content,
+            imported_time(timestamp, f"{where}: 'timestamp'"), provider, model,
+            _checked_count(input_tokens, "input_tokens", where),
+            _checked_count(output_tokens, "output_tokens", where), stop_reason)
+
+
+# -- ChatGPT's data export ------------------------------------------------------------
+
+
+def chatgpt_session(conversation: object, where: str) -> Optional[ImportedSession]:
+    """One conversation of a ChatGPT ``conversations.json`` (SPEC §12 and
+    fixtures/chatgpt/README.md), or None when it keeps no message (its hidden
+    system messages only, say): an empty session would only clutter the list."""
+    cid = (_field(conversation, "conversation_id", "string", where)
+           or _field(conversation, "id", "string", where, True))
+    where = f"{where} (conversation {cid})"
+    mapping = _field(conversation, "mapping", "object", where, True)
+    # The branch the user last saw: from current_node back to the root
+    # (regenerated and edited branches left behind are not imported; the
+    # mapping's key order means nothing).
+    path: List[str] = []
+    node_id = _field(conversation, "current_node", "string", where, True)
+    while node_id is not None:
+        if node_id in path:
+            raise ImportFailure(f"{where}: its parent links form a cycle at node {node_id}")
+        node = mapping.get(node_id)
+        if not isinstance(node, dict):
+            raise ImportFailure(f"{where}: node {node_id} is missing from the mapping")
+        path.append(node_id)
+        node_id = _field(node, "parent", "string", f"{where}: node {node_id}")
+    session_id = foreign_id(f"chatgpt:{cid}")
+    created = epoch_time(_field(conversation, "create_time", "number", where, True),
+                         f"{where}: 'create_time'")
+    updated = _field(conversation, "update_time", "number", where)
+    timestamp, system_prompt, model, messages = created, None, "chatgpt", []
+    for node_id in reversed(path):
+        node_where = f"{where}: node {node_id}"
+        message = _field(mapping[node_id], "message", "object", node_where)
+        kept = message and _chatgpt_text(message, node_where)
+        if not kept:
+            continue
+        role, text = kept
+        stamp = _field(message, "create_time", "number", node_where)
+        if stamp is not None:  # else the previous kept message's (at first the conversation's)
+            timestamp = epoch_time(stamp, f"{node_where}: 'create_time'")
+        if role == "system":
+            system_prompt = system_prompt or text
+            continue
+        slug = None
+        if role == "assistant":
+            slug = _field(message.get("metadata") or {}, "model_slug", "string", node_where)
+            model = slug or model
+        messages.append((foreign_id(f"chatgpt:{cid}:{node_id}"), session_id, role, text, timestamp,
+                         "openai" if role == "assistant" else None, slug, None, None, None))
+    if not messages:
+        return None
+    return ImportedSession(where, (
+        session_id, _field(conversation, "title", "string", where), "openai", model, system_prompt,
+        created, created if updated is None else epoch_time(updated, f"{where}: 'update_time'"),
+        None), messages)
+
+
+def _chatgpt_text(message: Dict[str, Any], where: str) -> Optional[Tuple[str, str]]:
+    """(role, text) of a message that is imported; None for one that is skipped."""
+    role = _field(_field(message, "author", "object", where, True), "role", "string", where, True)
+    metadata = _field(message, "metadata", "object", where) or {}
+    if metadata.get("is_visually_hidden_from_conversation") or role not in _ROLES:
+        return None  # hidden, or a tool's message
+    if role == "assistant" and (_field(message, "recipient", "string", where) or "all") != "all":
+        return None  # a command to a tool (browser, python)
+    content = _field(message, "content", "object", where, True)
+    kind = content.get("content_type")
+    if kind == "code":
+        language = _field(content, "language", "string", where) or "unknown"
+        code = _field(content, "text", "string", where, True)
+        text = f"```{'' if language == 'unknown' else language}\n{code}\n```"
+    elif kind in ("text", "multimodal_text"):
+        parts = _field(content, "parts", "array", where) or []
+        if kind == "multimodal_text":
+            parts = ["[image]" if isinstance(p, dict) and p.get("content_type") == "image_asset_pointer"
+                     else p for p in parts]
+        text = "\n\n".join(p for p in parts if isinstance(p, str) and p)
+    else:
+        return None  # thoughts, reasoning_recap, user_editable_context, execution_output, ...
+    return (role, text) if text.strip() else None
+
+
+_SPLIT_MEMBER = re.compile(r"conversations-(\d+)\.json")
+
+
+def chatgpt_zip_sessions(path: str) -> Iterator[ImportedSession]:
+    """The sessions of a ChatGPT export zip: its conversations.json, else its
+    conversations-NNN.json in numeric order, each read a conversation at a
+    time; the other members are never opened."""
+    import struct
+    import zipfile
+    import zlib
+
+    damaged = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, struct.error,
+               zlib.error)
+    try:
+        archive = zipfile.ZipFile(path)
+    except damaged as exc:
+        raise ImportFailure(f"not a readable zip archive ({exc})") from None
+    with archive:
+        members = archive.infolist()
+        members = [m for m in members if m.filename == "conversations.json"] or sorted(
+            (m for m in members if _SPLIT_MEMBER.fullmatch(m.filename)),
+            key=lambda m: int(_SPLIT_MEMBER.fullmatch(m.filename).group(1)))  # type: ignore[union-attr]
+        if not members:
+            raise ImportFailure("a zip archive without conversations.json "
+                                "(nor conversations-000.json, ...)")
+        for member in members:
+            # From the archive's directory, before a byte is unpacked; and
+            # zipfile never unpacks more than the size the directory declares.
+            if member.file_size > MAX_ZIP_MEMBER or member.file_size > member.compress_size * MAX_ZIP_RATIO:
+                raise ImportFailure(f"{member.filename}: refused, it would unpack to "
+                                    f"{member.file_size} bytes from {member.compress_size} (more than "
+                                    f"1 GiB, or more than {MAX_ZIP_RATIO} to 1)")
+            try:
+                with archive.open(member) as unpacked:
+                    yield from json_sessions(iter(lambda: unpacked.read(IMPORT_CHUNK), b""))
+            except ImportFailure as exc:
+                raise ImportFailure(f"{member.filename}: {exc}") from None
+            except damaged as exc:
+                raise ImportFailure(f"{member.filename}: a damaged zip member ({exc})") from None
+
+
+# -- llm's logs database ---------------------------------------------------------------
+
+
+_OPENAI_MODELS = ("gpt-", "o1", "o3", "o4", "chatgpt")
+
+
+def llm_provider(model: str, default_provider: str) -> str:
+    """The provider of an llm model name (SPEC §12), after any ``plugin/`` prefix."""
+    name = model.rpartition("/")[2].lower()
+    if name.startswith(_OPENAI_MODELS):
+        return "openai"
+    if name.startswith("claude"):
+        return "anthropic"
+    if name.startswith("deepseek"):
+        return "deepseek"
+    return default_provider
+
+
+def _with_attachments(text: str, mime_types: Sequence[Optional[str]]) -> str:
+    """A prompt and a mark for each attachment, joined by blank lines (as for ChatGPT)."""
+    marks = ["[image]" if (kind or "").startswith("image/") else "[attachment]" for kind in mime_types]
+    return "\n\n".join(([text] if text else []) + marks)
+
+
+def _token_columns(db: sqlite3.Connection, table: str) -> str:
+    # llm 0.13 had no token columns.
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    return "input_tokens, output_tokens" if {"input_tokens", "output_tokens"} <= have else "NULL, NULL"
+
+
+def _llm_call(row: Sequence, where: str) -> Dict[str, Any]:
+    """The checked fields of a model call: ``row`` is (conversation, id, model,
+    datetime_utc, input tokens, output tokens, ...)."""
+    call = dict(zip(("id", "model", "when", "input_tokens", "output_tokens"), row[1:6]))
+    for key in ("id", "model", "when"):
+        _field(call, key, "string", where, True)
+    for key in ("input_tokens", "output_tokens"):
+        _checked_count(_field(call, key, "integer", where), key, where)
+    call["when"] = imported_time(call["when"], f"{where}: datetime_utc")  # llm 0.13's naive is UTC
+    return call
+
+
+def _classic_calls(db: sqlite3.Connection, tables: Iterable[str]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(conversation id, call) of each ``responses`` row (llm up to 0.31), by conversation."""
+    def linked(link: str, target: str, column: str, response_id: str) -> List[str]:
+        if not {link, target} <= set(tables):
+            return []
+        values = [row[0] for row in db.execute(
+            f'SELECT t.{column} FROM {link} x JOIN {target} t ON t.id = x.{target[:-1]}_id'
+            f' WHERE x.response_id = ? ORDER BY x."order"', (response_id,))]
+        if not all(isinstance(v, str) or v is None for v in values):
+            raise ImportFailure(f"response {response_id}: a {target[:-1]} is not text")
+        return [v or "" for v in values]
+
+    rows = db.execute("SELECT CAST(coalesce(conversation_id, id, '') AS TEXT) AS cid, id, model,"
+                      f" datetime_utc, {_token_columns(db, 'responses')}, prompt, system, response"
+                      " FROM responses ORDER BY cid")
+    for row in rows:
+        where = f"response {row[1]}"
+        call = _llm_call(row, where)
+        texts = dict(zip(("prompt", "system", "response"), row[6:9]))
+        for key in texts:
+            _field(texts, key, "string", where)
+        prompt, system = texts["prompt"], texts["system"]
+        # What llm before 0.32 sent: the fragments, then the typed prompt, a newline apart.
+        fragments = linked("prompt_fragments", "fragments", "content", call["id"])
+        system_fragments = linked("system_fragments", "fragments", "content", call["id"])
+        call["prompt"] = _with_attachments("\n".join(fragments + [prompt] if prompt else fragments),
+                                           linked("prompt_attachments", "attachments", "type", call["id"]))
+        call["system"] = "\n".join(system_fragments + [system] if system else system_fragments) or None
+        call["response"] = texts["response"]
+        yield row[0], call
+
+
+class LlmMessages:
+    """llm 0.32's content-addressed messages: chains of hash -> (parent hash,
+    role), shared between conversations, with their parts."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.nodes = {digest: (parent, role) for digest, parent, role in
+                      db.execute("SELECT hash, parent_hash, role FROM messages")}
+        self.roots: Dict[str, Optional[str]] = {}
+
+    def node(self, digest: str) -> Tuple[Optional[str], Optional[str]]:
+        if digest not in self.nodes:
+            raise ImportFailure(f"message {str(digest)[:20]} is missing")
+        return self.nodes[digest]
+
+    def walk(self, digest: Optional[str]) -> Iterator[str]:
+        """From ``digest`` back to the root; a chain that loops fails."""
+        for _ in range(len(self.nodes) + 1):
+            if digest is None:
+                return
+            yield digest
+            digest = self.node(digest)[0]
+        raise ImportFailure("the llm message chain loops")
+
+    def root(self, digest: Optional[str]) -> Optional[str]:
+        # Remembered, so that finding every turn's system message stays linear.
+        path = []
+        for step in self.walk(digest):
+            if step in self.roots:
+                digest = self.roots[step]
+                break
+            path.append(step)
+        else:
+            digest = path[-1] if path else None
+        self.roots.update((step, digest) for step in path)
+        return digest
+
+    def content(self, digest: str) -> Tuple[str, List[Optional[str]]]:
+        """A message's text parts joined (as llm joins them) and its attachments' MIME types."""
+        where = f"message {str(digest)[:20]}"
+        texts, attachments = [], []
+        for kind, text, payload in self.db.execute(
+                "SELECT type, text, payload FROM parts WHERE message_hash = ? ORDER BY position",
+                (digest,)):
+            if kind not in ("text", "attachment"):
+                continue  # tool calls and results, reasoning: not imported
+            try:
+                data = json.loads(payload) if payload else {}
+            except (TypeError, ValueError):
+                raise ImportFailure(f"{where}: a part's payload is not JSON") from None
+            if not isinstance(data, dict):
+                raise ImportFailure(f"{where}: a part's payload is not a JSON object")
+            if kind == "attachment":
+                ref = data.get("attachment")
+                row = self.db.execute("SELECT type FROM attachments WHERE id = ?",
+                                      (ref.get("id") if isinstance(ref, dict) else None,)).fetchone()
+                attachments.append(row[0] if row and isinstance(row[0], str) else None)
+            elif text is not None or "text_ref" in data or "text" in data:
+                texts.append(text if text is not None else self.resolve(data, where))
+        if not all(isinstance(t, str) for t in texts):
+            raise ImportFailure(f"{where}: a text part is not text")
+        return "".join(texts), attachments
+
+    def resolve(self, data: Dict[str, Any], where: str) -> Any:
+        """The text of a part that refers to fragments (``-f``): literals and
+        ``fragments.content``, in order."""
+        if "text_ref" not in data:
+            return data["text"]
+        pieces = data["text_ref"] if isinstance(data["text_ref"], list) else [None]
+        out = []
+        for piece in pieces:
+            if isinstance(piece, dict) and "literal" in piece:
+                out.append(piece["literal"])
+            elif isinstance(piece, dict) and "fragment" in piece:
+                row = self.db.execute("SELECT content FROM fragments WHERE id = ?",
+                                      (piece["fragment"],)).fetchone()
+                out.append(row[0] if row else None)
+            else:
+                out.append(None)
+        if not all(isinstance(p, str) for p in out):
+            raise ImportFailure(f"{where}: a fragment reference does not resolve")
+        return "".join(out)
+
+
+def _turn_calls(db: sqlite3.Connection) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(conversation id, call) of each ``turns`` row (llm 0.32 on), by thread,
+    derived as ``llm logs`` derives them: the inputs are the chain up to
+    parent_message_hash, the outputs the chain up to tip_message_hash less the inputs."""
+    store = LlmMessages(db)
+    rows = db.execute("SELECT CAST(coalesce(thread_id, id, '') AS TEXT) AS cid, id, model,"
+                      f" datetime_utc, {_token_columns(db, 'turns')}, parent_message_hash,"
+                      " tip_message_hash FROM turns ORDER BY cid")
+    for row in rows:
+        where = f"turn {row[1]}"
+        parent, tip = row[6], row[7]
+        outputs = []
+        for digest in store.walk(tip):
+            if digest == parent:
+                break
+            outputs.append(digest)
+        else:
+            if parent is not None:
+                raise ImportFailure(f"{where}: its tip message does not follow from its parent")
+        # The prompt is the user messages of the trailing run of user and tool
+        # messages: the history before them belongs to earlier calls, so it
+        # is never imported twice.
+        own = list(itertools.takewhile(lambda d: store.node(d)[1] in ("user", "tool"),
+                                       store.walk(parent)))
+        texts, attachments = [], []
+        for digest in reversed(own):
+            if store.node(digest)[1] == "user":
+                text, types = store.content(digest)
+                texts.append(text)
+                attachments += types
+        root = store.root(parent)
+        system = store.content(root)[0] if root and store.node(root)[1] == "system" else None
+        call = _llm_call(row, where)
+        call.update(prompt=_with_attachments("".join(texts), attachments), system=system or None,
+                    response="".join(store.content(d)[0] for d in reversed(outputs)))
+        yield row[0], call
+
+
+def _llm_session(cid: str, name: object, calls: List[Dict[str, Any]],
+                 default_provider: str) -> ImportedSession:
+    where = f"conversation {cid}"
+    if name is not None and not isinstance(name, str):
+        raise ImportFailure(f"{where}: its name is not text")
+    calls.sort(key=lambda c: (c["when"], c["id"]))  # the stored form sorts as time does
+    session_id = foreign_id(f"llm:{cid}")
+    messages = []
+    for c in calls:  # an empty text (a step of a tool call) makes no message
+        if c["prompt"]:
+            messages.append((foreign_id(f"llm:{c['id']}:prompt"), session_id, "user", c["prompt"],
+                             c["when"], None, None, None, None, None))
+        if c["response"]:
+            messages.append((foreign_id(f"llm:{c['id']}:response"), session_id, "assistant",
+                             c["response"], c["when"], llm_provider(c["model"], default_provider),
+                             c["model"], c["input_tokens"], c["output_tokens"], None))
+    last = calls[-1]
+    system = next((c["system"] for c in calls if c["system"]), None)
+    return ImportedSession(where, (
+        session_id, name, llm_provider(last["model"], default_provider), last["model"], system,
+        calls[0]["when"], last["when"], None), messages)
+
+
+def llm_sessions(path: str, default_provider: str) -> Iterator[ImportedSession]:
+    """The sessions of an llm logs database of either generation or both,
+    opened read-only and read from one snapshot.  A conversation is the union
+    of its ``responses`` and its ``turns``, merged by time; one without any
+    call has nothing to import (and no time) and is skipped."""
+    import heapq
+    import pathlib
+
+    db = None
+    try:
+        db = sqlite3.connect(pathlib.Path(path).absolute().as_uri() + "?mode=ro", uri=True,
+                             isolation_level=None)
+        db.execute("PRAGMA trusted_schema = OFF")  # a hostile file's views run no functions
+        db.execute("BEGIN")
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if {"sessions", "messages"} <= tables and {"provider", "updated_at"} <= {
+                row[1] for row in db.execute("PRAGMA table_info(sessions)")}:
+            raise ImportFailure("a Synapse database (a backup?), not a file to import; to merge "
+                                "it, run `SYNAPSE_DATABASE_URL=THAT_FILE synapse sessions export "
+                                "--all -o all.jsonl` and import all.jsonl")
+        classic, native = {"conversations", "responses"} <= tables, {"threads", "turns"} <= tables
+        if not (classic or native):
+            raise ImportFailure("a SQLite database but not an llm logs database")
+        names = {}  # conversations.name, else threads.name
+        for table, wanted in (("threads", native), ("conversations", classic)):
+            if wanted:
+                names.update((cid, name) for cid, name in
+                             db.execute(f"SELECT CAST(id AS TEXT), name FROM {table}")
+                             if name is not None)
+        streams = ([_classic_calls(db, tables)] if classic else []) + ([_turn_calls(db)] if native else [])
+        # Both streams come by conversation, so merged they group each one.
+        merged = heapq.merge(*streams, key=lambda pair: pair[0])
+        for cid, group in itertools.groupby(merged, key=lambda pair: pair[0]):
+            yield _llm_session(cid, names.get(cid), [call for _, call in group], default_provider)
+    except sqlite3.Error as exc:
+        raise ImportFailure(f"an unreadable llm database ({exc})") from None
+    finally:
+        if db is not None:
+            db.close()
+
+
+# -- any file -----------------------------------------------------------------------
+
+
+def detect_kind(head: bytes) -> str:
+    """"sqlite", "zip" or "json", from the first bytes of a file, never its name."""
+    if head.startswith(SQLITE_MAGIC):
+        return "sqlite"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{", b""):
+        return "json"  # nothing but whitespace is JSON Lines of no session
+    raise ImportFailure("not a Synapse, ChatGPT or llm file")
+
+
+@contextlib.contextmanager
+def _import_bytes(path: str) -> Iterator[Iterator[bytes]]:
+    """The bytes of ``path`` ("-": standard input), in chunks."""
+    if path == "-":
+        if sys.stdin is None:
+            raise ImportFailure("standard input is closed")
+        stream = sys.stdin.buffer
+    else:
+        try:
+            stream = open(path, "rb")
+        except FileNotFoundError:
+            raise ImportFailure("no such file") from None
+        except IsADirectoryError:
+            raise ImportFailure("a directory, not a file") from None
+        except OSError as exc:
+            raise ImportFailure(f"cannot read it: {exc.strerror or exc}") from None
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from iter(lambda: stream.read(IMPORT_CHUNK), b"")
+        except OSError as exc:
+            raise ImportFailure(f"cannot read it: {exc.strerror or exc}") from None
+
+    try:
+        yield chunks()
+    finally:
+        if path != "-":
+            stream.close()
+
+
+@contextlib.contextmanager
+def _on_disk(path: str, chunks: Iterator[bytes]) -> Iterator[str]:
+    """A path to read the file at: its own, or for standard input a private
+    temporary copy (zipfile and SQLite need a file), removed afterwards."""
+    if path != "-":
+        yield path
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="synapse-import-")  # mode 0700
+    try:
+        copy = os.path.join(folder, "stdin")
+        with open(create_private_file(copy), "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        yield copy
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # with any -journal SQLite left
+
+
+def _same_file(path: str, other: str) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def read_import(path: str, default_provider: str, database: str) -> Iterator[ImportedSession]:
+    """The sessions of the file at ``path`` ("-": standard input), of any kind
+    SPEC §12 names, told apart by its content.  ``default_provider`` is the
+    provider of an llm model with no provider of its own; ``database`` is the
+    store's, which is refused as input."""
+    if path != "-" and _same_file(path, database):
+        raise ImportFailure("synapse's own database, the one it would import into")
+    with _import_bytes(path) as chunks:
+        head = next(chunks, b"")
+        kind = detect_kind(head)
+        chunks = itertools.chain([head], chunks)
+        if kind == "json":
+            yield from json_sessions(chunks)
+            return
+        with _on_disk(path, chunks) as local:
+            yield from (llm_sessions(local, default_provider) if kind == "sqlite"
+                        else chatgpt_zip_sessions(local))
+
+
+# ---------------------------------------------------------------------------
+# 8. Command line
 #
 # argparse for ``synapse [OPTIONS] [MESSAGE]`` and ``synapse sessions ...``,
 # the handlers, and interactive mode.  Handlers return an exit status or
@@ -2134,7 +3155,11 @@ session commands:
   synapse sessions show ID [--json]
   synapse sessions delete ID [ID ...]
   synapse sessions rename ID NAME
-  synapse sessions export ID [--format markdown|json] [-o FILE]
+  synapse sessions export ID [--format markdown|json|jsonl] [-o FILE]
+  synapse sessions export --all [-o FILE]      every session, as JSON Lines
+  synapse sessions import FILE... [--dry-run] [--allow-cleanup]
+                                  Synapse JSON, ChatGPT's export, llm's logs.db
+  synapse sessions backup FILE
   synapse sessions search TEXT [--limit N] [--json]
   synapse sessions cleanup [--dry-run]
 
@@ -2295,13 +3320,32 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     rename = command("rename", command_rename, "set a session's name")
     rename.add_argument("id", metavar="ID", help=an_id)
     rename.add_argument("name", metavar="NAME", help="the new name; an empty one clears it")
-    export = command("export", command_export, "export a session as Markdown or JSON")
-    export.add_argument("id", metavar="ID", help=an_id)
-    export.add_argument("--format", choices=("markdown", "json"), default="markdown",
-                        help="markdown (the default: title, metadata, a section per message) "
-                             "or json (what show --json prints)")
+    export = command("export", command_export,
+                     "export a session as Markdown or JSON, or every session as JSON Lines")
+    export.add_argument("id", nargs="?", metavar="ID", help=an_id)
+    export.add_argument("--all", action="store_true",
+                        help="every session instead, oldest first, one JSON object a line: "
+                             "what `sessions import` reads on another machine")
+    export.add_argument("--format", choices=("markdown", "json", "jsonl"),
+                        help="markdown (the default: title, metadata, a section per message), "
+                             "json (what show --json prints) or jsonl (the same on one line; "
+                             "the only format of --all)")
     export.add_argument("-o", "--output", metavar="FILE",
                         help="write to FILE (a new one is private, mode 0600); - is stdout")
+    imports = command("import", command_import,
+                      "import sessions from files: Synapse JSON or JSON Lines (what export "
+                      "writes), a ChatGPT data export (its .zip or conversations.json), or an "
+                      "llm logs.db; each file whole or not at all, and again adds nothing")
+    imports.add_argument("files", nargs="+", metavar="FILE", help="a file to import; - is stdin")
+    imports.add_argument("--dry-run", action="store_true",
+                         help="write nothing; say what would be imported")
+    imports.add_argument("--allow-cleanup", action="store_true",
+                         help="import even when [session] retention_days or max_sessions would "
+                              "have the next chat's automatic cleanup delete imported sessions")
+    backup = command("backup", command_backup,
+                     "copy the database to a new file, consistent even while other synapse "
+                     "processes write; the copy is a database synapse opens as it is")
+    backup.add_argument("file", metavar="FILE", help="the copy: a new file (mode 0600)")
     search = command("search", command_search,
                      "find sessions with a message containing TEXT, newest first")
     search.add_argument("text", metavar="TEXT",
@@ -2370,31 +3414,6 @@ def summary_json(summary: SessionSummary) -> Dict[str, object]:
             "model": summary.model, "created_at": format_timestamp(summary.created_at),
             "updated_at": format_timestamp(summary.updated_at),
             "message_count": summary.message_count, "preview": summary.preview}
-
-
-def session_json(session: Session, messages: Iterable[StoredMessage]) -> Dict[str, object]:
-    """What ``show --json`` prints, and each line of ``export --all``."""
-    return {"id": str(session.id), "name": session.name, "provider": session.provider,
-            "model": session.model, "system_prompt": session.system_prompt,
-            "created_at": format_timestamp(session.created_at),
-            "updated_at": format_timestamp(session.updated_at),
-            "forked_from": str(session.forked_from) if session.forked_from else None,
-            "messages": [{"id": str(m.id), "role": m.role.value, "content": m.content,
-                          "timestamp": format_timestamp(m.timestamp), "provider": m.provider,
-                          "model": m.model, "input_tokens": m.input_tokens,
-                          "output_tokens": m.output_tokens, "stop_reason": m.stop_reason}
-                         for m in messages]}
-
-
-# json.dumps escapes C0 controls but not DEL, C1 and the bidirectional
-# overrides; escaped too, JSON is safe on any terminal and decodes the same.
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def json_text(value: object) -> str:
-    """What ``--json`` and ``export --format json`` print."""
-    text = json.dumps(value, ensure_ascii=False, indent=2)
-    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 # -- sessions commands ---------------------------------------------------------
@@ -2522,36 +3541,135 @@ def export_markdown(session: Session, messages: Sequence[StoredMessage]) -> str:
     return "\n".join(lines)
 
 
-def write_private_file(path: str, text: str) -> None:
-    """Write ``text`` to ``path``: a new file is made 0600 (it holds a
-    conversation); an existing one keeps its mode."""
+@contextlib.contextmanager
+def private_output(path: str) -> Iterator[TextIO]:
+    """``path`` open for writing text: a new file is made 0600 (it holds
+    conversations); an existing one keeps its mode."""
     path = os.path.expanduser(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.fchmod(fd, 0o600)  # whatever the umask
-    except FileExistsError:
-        fd = None
+        try:
+            output = open(create_private_file(path), "w", encoding="utf-8")
+        except FileExistsError:
+            output = open(path, "w", encoding="utf-8")
+        with output:
+            yield output
     except OSError as exc:
         raise SynapseError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with (open(fd, "w", encoding="utf-8") if fd is not None
-              else open(path, "w", encoding="utf-8")) as output:
-            output.write(text)
-    except OSError as exc:
-        raise SynapseError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_private_file(path: str, text: str) -> None:
+    with private_output(path) as output:
+        output.write(text)
 
 
 def command_export(args: argparse.Namespace, config: Config) -> int:
+    if args.all:
+        return _export_all(args, config)
+    if args.id is None:
+        raise UsageError("give the ID of a session to export, or --all for every session")
     with open_store(config) as store:
         session = load_session(store, args.id)
         messages = store.get_messages(session.id)
-    exact = args.format == "json"
-    text = json_text(session_json(session, messages)) if exact else export_markdown(session, messages)
+    exact = args.format in ("json", "jsonl")
+    text = (json_text(session_json(session, messages), None if args.format == "jsonl" else 2)
+            if exact else export_markdown(session, messages))
     if args.output in (None, "-"):
         emit(text, exact=exact)
         return EXIT_OK
     write_private_file(args.output, text)
     emit(f"Exported session {session.id} to {args.output}\n")
+    return EXIT_OK
+
+
+# Characters of JSON Lines gathered before each write of ``export --all``.
+EXPORT_BATCH = 1 << 18
+
+
+def _export_all(args: argparse.Namespace, config: Config) -> int:
+    """``export --all``: JSON Lines, streamed from the database a session at a time."""
+    if args.id is not None:
+        raise UsageError("give a session ID or --all, not both")
+    if args.format not in (None, "jsonl"):
+        raise UsageError(f"--all writes JSON Lines only; --format {args.format} is for one session")
+    to_stdout = args.output in (None, "-")
+    count = 0
+    with open_store(config) as store, contextlib.ExitStack() as outputs:
+        write = (lambda text: emit(text, exact=True)) if to_stdout else \
+            outputs.enter_context(private_output(args.output)).write
+        batch: List[str] = []
+        size = 0
+        with contextlib.closing(store.export_rows()) as rows:
+            for row, messages in rows:
+                line = json_text(session_object(row, messages), indent=None)
+                batch.append(line)
+                size += len(line)
+                count += 1
+                if size >= EXPORT_BATCH:
+                    write("".join(batch))
+                    batch, size = [], 0
+        write("".join(batch))
+    if not to_stdout:
+        emit(f"Exported {_plural(count, 'session')} to {args.output}\n")
+    return EXIT_OK
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def command_import(args: argparse.Namespace, config: Config) -> int:
+    """``sessions import FILE...``: read and check every file first (its rows
+    staged), then the cleanup guard, then one transaction a file."""
+    worst = EXIT_OK
+    staged: List[Tuple[int, str]] = []
+    with open_store(config) as store:
+        for index, path in enumerate(args.files):
+            label = "stdin" if path == "-" else path
+            try:
+                with contextlib.closing(read_import(path, config.provider, store.path)) as sessions:
+                    store.stage_import(index, sessions)
+            except ImportFailure as exc:
+                report_error(f"{label}: {exc}; nothing was imported from it", config)
+                worst = EXIT_FAILURE
+                continue
+            staged.append((index, label))
+        refusal = None
+        if staged and config.session.auto_cleanup and not args.allow_cleanup:
+            refusal = _cleanup_refusal(store.doomed_imports(config.session), config)
+        if refusal is not None and not args.dry_run:
+            raise refusal
+        for index, label in staged:
+            counts = store.import_counts(index) if args.dry_run else store.merge_import(index)
+            emit(f"{label}: {'Would import' if args.dry_run else 'Imported'} "
+                 f"{_plural(counts.sessions, 'session')} ({_plural(counts.messages, 'message')}); "
+                 f"{_plural(counts.unchanged, 'session')} already up to date\n")
+    if refusal is not None:
+        raise refusal
+    return worst
+
+
+def _cleanup_refusal(doomed: CleanupResult, config: Config) -> Optional[UsageError]:
+    """The error that stops an import whose sessions the next chat's
+    automatic cleanup would delete (SPEC §12), or None."""
+    if not doomed.sessions_deleted:
+        return None
+    limits = config.session
+    reasons = [f"{count} {what}" for count, what in (
+        (doomed.by_retention, f"past retention_days = {limits.retention_days}"),
+        (doomed.by_max_limit, f"over max_sessions = {limits.max_sessions}")) if count]
+    where = config.path or find_config_path(None, os.environ)[0]
+    return UsageError(
+        f"the next chat's automatic cleanup would delete "
+        f"{_plural(doomed.sessions_deleted, 'imported session')} ({', '.join(reasons)}); "
+        f"nothing was imported. Raise max_sessions or retention_days under [session] in "
+        f"{where} (0 turns each off), set auto_cleanup = false there, or pass --allow-cleanup")
+
+
+def command_backup(args: argparse.Namespace, config: Config) -> int:
+    path = os.path.expanduser(args.file)
+    with open_store(config) as store:
+        store.backup(path)
+    emit(f"Backed up {store.path} to {path}\n")
     return EXIT_OK
 
 
@@ -2770,7 +3888,7 @@ def _repl_command(command: str, conversation: Conversation, plan: ChatPlan) -> N
 
 
 # ---------------------------------------------------------------------------
-# 8. main: the one place that turns exceptions into messages and exit codes.
+# 9. main: the one place that turns exceptions into messages and exit codes.
 # ---------------------------------------------------------------------------
 
 
