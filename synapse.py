@@ -2555,8 +2555,10 @@ class JsonValues:
             except json.JSONDecodeError as exc:
                 # An incomplete value fails near the end of the text read (or in
                 # an open string); anything else is wrong, and said at once.
-                if self._ended or not (exc.msg.startswith("Unterminated string")
-                                       or exc.pos >= len(self.text) - 16):
+                incomplete = exc.msg.startswith("Unterminated string") or exc.pos >= len(self.text) - 16
+                if self._ended and incomplete:
+                    raise ImportFailure(f"{where}: truncated: the file ends inside it") from None
+                if not incomplete:
                     at = self.line_at(max(exc.pos, self.pos))
                     raise ImportFailure(f"{where}: invalid JSON: {exc.msg}"
                                         + ("" if at == start else f" (line {at})")) from None

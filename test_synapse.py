@@ -1038,7 +1038,8 @@ def test_version_and_listing_import_only_what_they_need(user):
              "        synapse.main(argv)\n"
              "    except SystemExit:\n"
              "        pass\n"
-             "    print('loaded:', [m for m in ('requests', 'shutil', 'uuid')\n"
+             "    print('loaded:', [m for m in ('requests', 'shutil', 'uuid', 'zipfile', 'tempfile',\n"
+             "                                  'pathlib')\n"
              "                      if m in set(sys.modules) - before])\n")
     # -S: no site-packages, whose .pth files may import shutil before synapse does.
     result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, env=user.env,
@@ -3250,3 +3251,940 @@ def test_system_and_name_are_for_new_sessions_only(user):
     result = user.run("-s", sid, "--system", "replacement", "--name", "second", "again")
     assert result.returncode == 0 and "apply to new sessions" in err(result)
     assert user.rows("SELECT name, system_prompt FROM sessions") == [("first", "original")]
+
+
+# ---------------------------------------------------------------------------
+# Import, export, backup (SPEC §12)
+# ---------------------------------------------------------------------------
+
+
+FIXTURES = HERE / "fixtures"
+SHARED_FIXTURES = HERE.parent / "shared" / "fixtures"
+CHATGPT_FILES = ["conversations.json", "chatgpt-export.zip", "chatgpt-export-split.zip"]
+LLM_DATABASES = ["logs-0.36", "logs-0.31.1", "logs-0.13", "logs-0.13-upgraded-to-0.36"]
+# What a test's config needs to import old history: the guard has its own tests.
+NO_CLEANUP = "[session]\nauto_cleanup = false\n"
+
+
+@pytest.mark.skipif(not SHARED_FIXTURES.is_dir(), reason="../shared/fixtures is not beside this checkout")
+def test_the_fixtures_are_byte_for_byte_the_shared_ones():
+    copies = sorted(p.relative_to(FIXTURES) for p in FIXTURES.rglob("*") if p.is_file())
+    assert len(copies) == 14
+    for relative in copies:
+        assert (FIXTURES / relative).read_bytes() == (SHARED_FIXTURES / relative).read_bytes(), relative
+
+
+def stored(db_path: Path) -> Dict[str, dict]:
+    """Every session as the database holds it, with its messages in order."""
+    conn = sqlite3.connect(db_path)
+    try:
+        sessions = {}
+        for row in conn.execute(f"SELECT {synapse._SESSION_COLUMNS} FROM sessions ORDER BY rowid"):
+            session = dict(zip(synapse.SESSION_FIELDS, row))
+            session["messages"] = [dict(zip(synapse.MESSAGE_FIELDS, m)) for m in conn.execute(
+                f"SELECT {', '.join(synapse.MESSAGE_FIELDS)} FROM messages WHERE session_id = ?"
+                " ORDER BY rowid", (row[0],))]
+            sessions[row[0]] = session
+        return sessions
+    finally:
+        conn.close()
+
+
+def assert_fields(got: dict, want: dict, where: str) -> None:
+    """Field by field, so that a failure names what differs."""
+    for key, value in want.items():
+        assert got[key] == value, f"{where}: {key}: got {got[key]!r}, want {value!r}"
+
+
+def iso_from_epoch(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds")
+
+
+def imported_line(label: str, created: int, messages: int, unchanged: int, verb: str = "Imported") -> str:
+    def plural(n: int, noun: str) -> str:
+        return f"{n} {noun}" + ("" if n == 1 else "s")
+    return (f"{label}: {verb} {plural(created, 'session')} ({plural(messages, 'message')}); "
+            f"{plural(unchanged, 'session')} already up to date\n")
+
+
+@pytest.mark.parametrize("name", CHATGPT_FILES)
+def test_chatgpt_fixtures_import_as_expected(user, name):
+    user.write_config(NO_CLEANUP)
+    expected = json.loads((FIXTURES / "chatgpt" / "expected.json").read_text(encoding="utf-8"))
+    path = str(FIXTURES / "chatgpt" / name)
+    result = user.run("sessions", "import", path)
+    assert result.returncode == 0, err(result)
+    assert text(result) == imported_line(path, 6, 26, 0)
+    got = stored(user.db_path)
+    assert sorted(got) == sorted(e["id"] for e in expected)
+    for e in expected:
+        session = got[e["id"]]
+        assert_fields(session, {"name": e["name"], "provider": "openai", "model": e["model"],
+                                "system_prompt": e["system_prompt"], "created_at": e["created_at_iso"],
+                                "updated_at": e["updated_at_iso"], "forked_from": None}, e["id"])
+        assert e["created_at_iso"] == iso_from_epoch(e["created_at"])
+        assert [m["id"] for m in session["messages"]] == [m["id"] for m in e["messages"]], e["id"]
+        for m, em in zip(session["messages"], e["messages"]):
+            assistant = em["role"] == "assistant"
+            assert_fields(m, {"role": em["role"], "content": em["content"],
+                              "timestamp": em["timestamp_iso"],
+                              "provider": "openai" if assistant else None,
+                              "model": em["model_slug"] if assistant else None,
+                              "input_tokens": None, "output_tokens": None, "stop_reason": None},
+                          f"{e['id']} {em['node_id']}")
+            assert em["timestamp_iso"] == iso_from_epoch(em["timestamp"])
+    # Again, in any of the three forms: nothing to add.
+    for again in CHATGPT_FILES:
+        again_path = str(FIXTURES / "chatgpt" / again)
+        assert text(user.ok("sessions", "import", again_path)) == imported_line(again_path, 0, 0, 6)
+    assert stored(user.db_path) == got
+
+
+@pytest.mark.parametrize("name", LLM_DATABASES)
+def test_llm_fixtures_import_as_expected(user, name):
+    # The provider of a model no rule names is the configured one.
+    user.write_config('provider = "ollama"\n' + NO_CLEANUP)
+    path = FIXTURES / "llm" / f"{name}.db"
+    before = path.read_bytes()
+    expected = json.loads((FIXTURES / "llm" / "expected" / f"{name}.json").read_text(
+        encoding="utf-8"))["synapse_sessions"]
+
+    def provider(value: Optional[str]) -> Optional[str]:
+        return "ollama" if value == "<default provider>" else value
+
+    result = user.ok("sessions", "import", str(path))
+    assert text(result) == imported_line(str(path), len(expected),
+                                         sum(len(e["messages"]) for e in expected), 0)
+    got = stored(user.db_path)
+    assert list(got) == [e["id"] for e in expected]
+    for e in expected:
+        session = got[e["id"]]
+        assert_fields(session, {"name": e["name"], "provider": provider(e["provider"]),
+                                "model": e["model"], "system_prompt": e["system_prompt"],
+                                "created_at": e["created_at"], "updated_at": e["updated_at"],
+                                "forked_from": None}, e["llm_conversation_id"])
+        assert [m["id"] for m in session["messages"]] == [m["id"] for m in e["messages"]]
+        for m, em in zip(session["messages"], e["messages"]):
+            want = {"provider": None, "model": None, "input_tokens": None, "output_tokens": None,
+                    "stop_reason": None, **em}
+            assert_fields(m, {**want, "provider": provider(want["provider"])},
+                          f"{e['llm_conversation_id']} {em['id']}")
+    assert text(user.ok("sessions", "import", str(path))) == imported_line(str(path), 0, 0, len(expected))
+    assert path.read_bytes() == before, "the llm database was written to"
+
+
+def test_llm_provider_rule():
+    cases = {"gpt-4o": "openai", "o1-mini": "openai", "o3": "openai", "o4-mini": "openai",
+             "chatgpt-4o-latest": "openai", "claude-3.5-haiku": "anthropic",
+             "anthropic/claude-sonnet-4": "anthropic", "deepseek-chat": "deepseek",
+             "DeepSeek-R1": "deepseek", "llama3.2": "mine", "gpt4all-x": "mine"}
+    assert {m: synapse.llm_provider(m, "mine") for m in cases} == cases
+
+
+def chatted(user: User, *messages: str) -> List[str]:
+    """One echo session per message; their IDs, oldest first."""
+    for message in messages:
+        user.ok("-p", "echo", message)
+    return user.session_ids()
+
+
+def test_export_all_is_json_lines_of_show_json_oldest_first(user, tmp_path):
+    assert user.ok("sessions", "export", "--all").stdout == b""  # no sessions, no output
+    user.write_config(NO_CLEANUP)
+    first, second = chatted(user, "one", "two")
+    store = synapse.SqliteStore(str(user.db_path))
+    store.add_message(synapse.StoredMessage.new(uuid.UUID(second), synapse.Role.ASSISTANT, "more",
+                                                provider="echo", model="echo", input_tokens=3,
+                                                output_tokens=4, stop_reason="stop"))
+    store.close()
+    # Created first, updated last: the order is created_at's.
+    set_updated(user.db_path, first, NOW + timedelta(minutes=5))
+    lines = text(user.ok("sessions", "export", "--all")).split("\n")
+    assert lines[-1] == "" and len(lines) == 3
+    assert [json.loads(line) for line in lines[:2]] == [
+        json.loads(text(user.ok("sessions", "show", sid, "--json"))) for sid in (first, second)]
+    assert all('": ' not in line and '", "' not in line for line in lines)  # compact
+    single = text(user.ok("sessions", "export", second, "--format", "jsonl"))
+    assert single == lines[1] + "\n"
+    out = tmp_path / "all.jsonl"
+    result = user.ok("sessions", "export", "--all", "-o", str(out))
+    assert text(result) == f"Exported 2 sessions to {out}\n"
+    assert out.read_text(encoding="utf-8") == "\n".join(lines)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    empty = tmp_path / "none.jsonl"
+    user.ok("sessions", "delete", first, second)
+    assert text(user.ok("sessions", "export", "--all", "-o", str(empty))) == f"Exported 0 sessions to {empty}\n"
+    assert empty.read_bytes() == b""
+
+
+def test_export_all_lines_are_safe_on_a_terminal_and_exact(user):
+    nasty = "esc\x1b[2J del\x7f c1\x85\x9b bidi\u202e lines\u2028\u2029 nul\x00 tab\t end"
+    user.ok("-p", "echo", nasty)
+    raw = user.ok("sessions", "export", "--all", tty="out").stdout
+    assert raw.count(b"\n") == 1
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]", raw.decode()[:-1])
+    assert json.loads(raw)["messages"][0]["content"] == nasty
+
+
+@pytest.mark.parametrize("args", [["--all", "--format", "markdown"], ["--all", "--format", "json"],
+                                  ["--all", "ID"], []])
+def test_export_all_usage_errors(user, args):
+    (sid,) = chatted(user, "hi")
+    result = user.run("sessions", "export", *[sid if a == "ID" else a for a in args])
+    assert_one_error_line(result, 2)
+
+
+def synapse_file(tmp_path: Path, sessions: List[dict], layout: str = "jsonl", name: str = "in.json") -> str:
+    path = tmp_path / name
+    if layout == "jsonl":
+        data = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sessions)
+    elif layout == "array":
+        data = json.dumps(sessions, indent=1)
+    else:
+        (session,) = sessions
+        data = json.dumps(session, indent=2)
+    path.write_text(data, encoding="utf-8")
+    return str(path)
+
+
+def synapse_session(*contents: str, **fields: object) -> dict:
+    """A show --json object of an older version (no §11 fields, no forked_from)."""
+    session = {"id": str(uuid.uuid4()), "name": "imported", "provider": "echo", "model": "echo",
+               "system_prompt": None, "created_at": "2026-11-24T09:30:00.123456+00:00",
+               "updated_at": "2026-11-24T09:31:00+00:00",
+               "messages": [{"id": str(uuid.uuid4()), "role": "user" if i % 2 == 0 else "assistant",
+                             "content": c, "timestamp": "2026-11-24T09:30:00.123456+00:00"}
+                            for i, c in enumerate(contents)]}
+    session.update(fields)
+    return session
+
+
+@pytest.mark.parametrize("layout", ["object", "array", "jsonl"])
+def test_synapse_files_of_every_layout_keep_their_ids(user, tmp_path, layout):
+    user.write_config(NO_CLEANUP)
+    sessions = [synapse_session("hi", "hello")] + ([synapse_session("x")] if layout != "object" else [])
+    path = synapse_file(tmp_path, sessions, layout)
+    result = user.ok("sessions", "import", path)
+    assert text(result) == imported_line(path, len(sessions), len(sessions) + 1, 0)
+    got = stored(user.db_path)
+    assert list(got) == [s["id"] for s in sessions]
+    first = got[sessions[0]["id"]]
+    assert_fields(first, {"name": "imported", "created_at": "2026-11-24T09:30:00.123456+00:00",
+                          "updated_at": "2026-11-24T09:31:00.000000+00:00", "forked_from": None}, "session")
+    assert [(m["id"], m["role"], m["content"], m["provider"], m["input_tokens"], m["stop_reason"])
+            for m in first["messages"]] == [(m["id"], m["role"], m["content"], None, None, None)
+                                            for m in sessions[0]["messages"]]
+
+
+def test_export_import_round_trip_is_exact(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    chatted(user, "caf\u00e9 \U0001f600 \x1b[31m\x00", "second")
+    store = synapse.SqliteStore(str(user.db_path))
+    source = store.list_sessions()[0].id
+    fork = synapse.Session.new("anthropic", "claude", "Be brief.", "fork")._replace(forked_from=source)
+    store.create_session(fork, [synapse.StoredMessage.new(fork.id, synapse.Role.ASSISTANT, "x" * 5000,
+                                                          provider="anthropic", model="claude-x",
+                                                          input_tokens=10, output_tokens=2 ** 40,
+                                                          stop_reason="max_tokens")])
+    store.close()
+    exported = user.ok("sessions", "export", "--all").stdout
+    path = tmp_path / "all.jsonl"
+    path.write_bytes(exported)
+    other = machine(tmp_path, "other")
+    assert text(other.ok("sessions", "import", str(path))) == imported_line(str(path), 3, 5, 0)
+    assert other.ok("sessions", "export", "--all").stdout == exported
+    assert stored(other.db_path) == stored(user.db_path)
+
+
+def test_a_stored_session_gains_only_what_it_lacks_and_keeps_its_fields(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    (sid,) = chatted(user, "mine")
+    user.ok("sessions", "rename", sid, "my name")
+    ours = json.loads(text(user.ok("sessions", "show", sid, "--json")))
+    theirs = dict(ours, name="their name", model="other", system_prompt="other prompt",
+                  created_at="2020-01-01T00:00:00+00:00", updated_at="2020-01-01T00:00:00+00:00")
+    theirs["messages"] = ours["messages"][:1] + [
+        {"id": str(uuid.uuid4()), "role": "user", "content": f"theirs {i}",
+         "timestamp": "2020-01-01T00:00:00+00:00"} for i in (1, 2)]
+    path = synapse_file(tmp_path, [theirs])
+    assert text(user.ok("sessions", "import", path)) == imported_line(path, 1, 2, 0)
+    [session] = stored(user.db_path).values()
+    assert_fields(session, {k: ours[k] for k in ("name", "model", "system_prompt", "created_at",
+                                                  "updated_at")}, "kept")  # ours is later
+    assert [m["content"] for m in session["messages"]] == ["mine", "mine", "theirs 1", "theirs 2"]
+    # A later updated_at in the file is taken; nothing else changes.
+    later = dict(theirs, updated_at="2099-01-01T00:00:00+00:00")
+    path = synapse_file(tmp_path, [later], name="later.json")
+    assert text(user.ok("sessions", "import", path)) == imported_line(path, 0, 0, 1)
+    [session] = stored(user.db_path).values()
+    assert session["updated_at"] == "2099-01-01T00:00:00.000000+00:00" and session["name"] == "my name"
+
+
+def test_dry_run_says_what_the_import_would_and_writes_nothing(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    (kept,) = chatted(user, "kept")
+    known = json.loads(text(user.ok("sessions", "show", kept, "--json")))
+    grown = dict(known, messages=known["messages"] + [synapse_session("new one")["messages"][0]])
+    one, two = synapse_session("a", "b"), synapse_session("c")
+    first = synapse_file(tmp_path, [one, grown], name="first.jsonl")
+    # The second file overlaps the first: its counts are after the first's.
+    second = synapse_file(tmp_path, [one, two], name="second.jsonl")
+    before = stored(user.db_path)
+    dry = user.ok("sessions", "import", "--dry-run", first, second)
+    assert stored(user.db_path) == before
+    assert text(dry) == (imported_line(first, 2, 3, 0, "Would import")
+                         + imported_line(second, 1, 1, 1, "Would import"))
+    real = user.ok("sessions", "import", first, second)
+    assert text(real) == text(dry).replace("Would import", "Imported")
+    assert text(user.ok("sessions", "import", "--dry-run", first)) == imported_line(
+        first, 0, 0, 2, "Would import")
+
+
+def test_singular_counts(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    path = synapse_file(tmp_path, [synapse_session("only")])
+    assert text(user.ok("sessions", "import", path)).endswith(
+        "Imported 1 session (1 message); 0 sessions already up to date\n")
+    assert text(user.ok("sessions", "import", path)).endswith(
+        "Imported 0 sessions (0 messages); 1 session already up to date\n")
+
+
+def test_a_message_twice_in_the_files_is_stored_once_where_it_came_first(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    one = synapse_session("a", "b")
+    other = synapse_session("c", messages=[one["messages"][1]])
+    path = synapse_file(tmp_path, [one, other, one])
+    assert text(user.ok("sessions", "import", path)) == imported_line(path, 2, 2, 0)
+    assert [(m["content"], len(s["messages"])) for s in stored(user.db_path).values() for m in s["messages"]] == [
+        ("a", 2), ("b", 2)]
+
+
+def test_empty_and_whitespace_files_import_no_sessions(user, tmp_path):
+    for data in (b"", b"\n  \n", b"[]", b"\xef\xbb\xbf[ ]\n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_bytes(data)
+        assert text(user.ok("sessions", "import", str(path))) == imported_line(str(path), 0, 0, 0)
+
+
+def machine(tmp_path: Path, name: str) -> User:
+    (tmp_path / name).mkdir()
+    other = User(tmp_path / name)
+    other.write_config(NO_CLEANUP)
+    return other
+
+
+def exchange(source: User, target: User, folder: Path) -> None:
+    """``export --all`` on one machine, ``import`` on the other, through a file."""
+    path = folder / "sync.jsonl"
+    source.ok("sessions", "export", "--all", "-o", str(path))
+    target.ok("sessions", "import", str(path))
+
+
+def test_two_machines_converge_through_export_and_import(tmp_path):
+    a, b = machine(tmp_path, "a"), machine(tmp_path, "b")
+    shared, only_a = chatted(a, "question", "only on a")
+    exchange(a, b, tmp_path)
+    # Both go on in the shared session; b starts a session of its own, drops
+    # its new reply (as undo would) and one of the old ones, and deletes a
+    # session; a renames the shared one.
+    a.ok("-s", shared, "-p", "echo", "a adds")
+    b.ok("-s", shared, "-p", "echo", "b adds")
+    b.ok("-p", "echo", "only on b")
+    a.ok("sessions", "rename", shared, "named on a")
+    old_reply, *_, new_reply = [r[0] for r in b.rows(
+        "SELECT id FROM messages WHERE session_id = ? AND role = 'assistant' ORDER BY rowid", (shared,))]
+    conn = sqlite3.connect(b.db_path)
+    conn.executemany("DELETE FROM messages WHERE id = ?", [(old_reply,), (new_reply,)])
+    conn.execute("DELETE FROM messages WHERE session_id = ?", (only_a,))
+    conn.execute("DELETE FROM sessions WHERE id = ?", (only_a,))
+    conn.commit()
+    conn.close()
+    exchange(a, b, tmp_path)
+    exchange(b, a, tmp_path)
+    on_a, on_b = stored(a.db_path), stored(b.db_path)
+    assert sorted(on_a) == sorted(on_b) and len(on_a) == 3
+    for sid in on_a:
+        ids = [m["id"] for m in on_a[sid]["messages"]]
+        assert len(ids) == len(set(ids)) and sorted(ids) == sorted(m["id"] for m in on_b[sid]["messages"])
+    # Each keeps its own messages first, then the other's; what b dropped
+    # and a still had came back, b's dropped new reply did not.
+    assert [m["content"] for m in on_a[shared]["messages"]] == [
+        "question", "question", "a adds", "a adds", "b adds"]
+    assert [m["content"] for m in on_b[shared]["messages"]] == [
+        "question", "b adds", "question", "a adds", "a adds"]
+    assert len(on_b[only_a]["messages"]) == 2
+    # Only additions travel: the name stays where it was given.
+    assert on_a[shared]["name"] == "named on a" and on_b[shared]["name"] is None
+    path = tmp_path / "again.jsonl"
+    a.ok("sessions", "export", "--all", "-o", str(path))
+    assert text(b.ok("sessions", "import", str(path))) == imported_line(str(path), 0, 0, 3)
+
+
+def aged_import(tmp_path: Path, days_ago: Dict[str, float], name: str = "aged.jsonl") -> str:
+    """A Synapse file of one-message sessions, each updated ``days_ago`` days ago."""
+    sessions = []
+    for label, days in days_ago.items():
+        stamp = synapse.format_timestamp(NOW - timedelta(days=days))
+        sessions.append(synapse_session(label, created_at=stamp, updated_at=stamp))
+    return synapse_file(tmp_path, sessions, name=name)
+
+
+def test_the_cleanup_guard_refuses_imports_the_next_chat_would_delete(user, tmp_path):
+    user.write_config("[session]\nretention_days = 30\nmax_sessions = 0\n")
+    fresh = aged_import(tmp_path, {"fresh": 29.9}, "fresh.jsonl")
+    old = aged_import(tmp_path, {"old": 30.1, "older": 400, "new": 1}, "old.jsonl")
+    result = user.run("sessions", "import", fresh, old)
+    assert_one_error_line(result, 2, "2 imported sessions", "retention_days = 30", "max_sessions",
+                          "[session]", "--allow-cleanup", str(user.config_dir / "config.toml"))
+    assert text(result) == "" and user.session_ids() == []  # the fresh file neither
+    dry = user.run("sessions", "import", "--dry-run", old)
+    assert_one_error_line(dry, 2, "2 imported sessions")
+    assert text(dry) == imported_line(old, 3, 3, 0, "Would import") and user.session_ids() == []
+    assert text(user.ok("sessions", "import", fresh)) == imported_line(fresh, 1, 1, 0)
+    result = user.ok("sessions", "import", "--allow-cleanup", old)
+    assert text(result) == imported_line(old, 3, 3, 0) and len(user.session_ids()) == 4
+    # auto_cleanup off: no guard.
+    user.write_config("[session]\nretention_days = 30\nauto_cleanup = false\n")
+    other = aged_import(tmp_path, {"ancient": 900}, "ancient.jsonl")
+    assert user.ok("sessions", "import", other).returncode == 0
+
+
+def test_the_guard_counts_max_sessions_over_the_stored_and_imported_sessions(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    (mine,) = chatted(user, "mine")
+    created = user.rows("SELECT created_at FROM sessions")[0][0]
+    set_updated(user.db_path, mine, NOW - timedelta(days=2))
+    user.write_config("[session]\nmax_sessions = 1\nretention_days = 0\n")
+    # Older than the stored session: the next chat would delete the import.
+    older = aged_import(tmp_path, {"older": 3}, "older.jsonl")
+    assert_one_error_line(user.run("sessions", "import", older), 2, "1 imported session",
+                          "over max_sessions = 1")
+    # Newer: the stored session would go, not the import (that is the limit's business).
+    newer = aged_import(tmp_path, {"newer": 1}, "newer.jsonl")
+    assert user.ok("sessions", "import", "--dry-run", newer).returncode == 0
+    # A tie on updated_at goes by created_at, then by which was stored first.
+    stamp = synapse.format_timestamp(NOW - timedelta(days=2))
+    tie_later = synapse_file(tmp_path, [synapse_session("tie", updated_at=stamp, created_at=created)],
+                             name="tie.jsonl")
+    assert user.ok("sessions", "import", "--dry-run", tie_later).returncode == 0
+    tie_earlier = synapse_file(tmp_path, [synapse_session("tie", updated_at=stamp,
+                                                          created_at="2000-01-01T00:00:00+00:00")],
+                               name="tie-earlier.jsonl")
+    assert_one_error_line(user.run("sessions", "import", tie_earlier), 2, "over max_sessions")
+
+
+def test_the_guard_and_a_stored_session_the_import_merges_into(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    (mine,) = chatted(user, "mine")
+    set_updated(user.db_path, mine, NOW - timedelta(days=60))
+    ours = json.loads(text(user.ok("sessions", "show", mine, "--json")))
+    user.write_config("[session]\nretention_days = 30\n")
+    same = synapse_file(tmp_path, [ours], name="same.jsonl")
+    # Nothing to add to it: not imported, so not the guard's business.
+    assert text(user.ok("sessions", "import", same)) == imported_line(same, 0, 0, 1)
+    grown = dict(ours, messages=ours["messages"] + [synapse_session("more")["messages"][0]])
+    path = synapse_file(tmp_path, [grown], name="grown.jsonl")
+    assert_one_error_line(user.run("sessions", "import", path), 2, "1 imported session")
+    # Its later updated_at in the file saves it.
+    fresh = dict(grown, updated_at=synapse.format_timestamp(NOW))
+    path = synapse_file(tmp_path, [fresh], name="fresh.jsonl")
+    assert text(user.ok("sessions", "import", path)) == imported_line(path, 1, 1, 0)
+
+
+def test_bad_files_change_nothing_and_the_others_are_imported(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    good = synapse_file(tmp_path, [synapse_session("good")], name="good.jsonl")
+    lines = [json.dumps(synapse_session(f"s{i}")) for i in range(4)]
+    lines[2] = lines[2][:-20]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    result = user.run("sessions", "import", str(bad), good, str(tmp_path / "missing.json"))
+    assert result.returncode == 1 and "Traceback" not in err(result)
+    assert text(result) == imported_line(good, 1, 1, 0)
+    errors = err(result).splitlines()
+    assert errors[0].startswith(f"synapse: error: {bad}: line 3: invalid JSON")
+    assert errors[1] == f"synapse: error: {tmp_path / 'missing.json'}: no such file; nothing was imported from it"
+    assert [c for _, c in user.messages()] == ["good"]
+
+
+def write_bytes(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+CHATGPT_JSON = (FIXTURES / "chatgpt" / "conversations.json")
+
+
+@pytest.mark.parametrize("data, complaint", [
+    (CHATGPT_JSON.read_bytes()[:20000], "item 3: truncated: the file ends inside it"),
+    (CHATGPT_JSON.read_bytes()[:20000] + b"\n", "item 3: truncated"),
+    (CHATGPT_JSON.read_bytes()[:-1], "truncated: the JSON array ends after item 6"),
+    (b'[{"id": "x"}]', "item 1: neither a Synapse session nor a ChatGPT conversation"),
+    (b'{"title": "no mapping"}', "line 1: neither"),
+    (b"[1, 2]", "item 1: neither"),
+    (b'{"id": "x", "messages": "no"}', "line 1: 'provider' is missing"),
+    (json.dumps(synapse_session(messages="no")).encode(), "line 1: 'messages' must be an array"),
+    (json.dumps(synapse_session("x", provider=5)).encode(), "line 1: 'provider' must be a string"),
+    (json.dumps(synapse_session("x", created_at="yesterday")).encode(), "'created_at': 'yesterday' is not an ISO"),
+    (json.dumps(synapse_session(messages=[{"id": "m", "role": "user", "content": "x",
+                                           "timestamp": "2026-01-01T00:00:00"}])).encode(),
+     "line 1: message 1: 'id': 'm' is not a UUID"),
+    (json.dumps(synapse_session(messages=[{"id": str(uuid.uuid4()), "role": "tool", "content": "x",
+                                           "timestamp": "2026-01-01T00:00:00"}])).encode(),
+     "message 1: 'role' must be user, assistant or system"),
+    (json.dumps(synapse_session(messages=[{"id": str(uuid.uuid4()), "role": "user", "content": "x",
+                                           "timestamp": "2026-01-01T00:00:00", "input_tokens": True}])).encode(),
+     "'input_tokens' must be an integer"),
+    (json.dumps(synapse_session(messages=[{"id": str(uuid.uuid4()), "role": "user", "content": "x",
+                                           "timestamp": "2026-01-01T00:00:00", "output_tokens": 2 ** 64}])).encode(),
+     "'output_tokens' must be a count"),
+    (json.dumps([synapse_session("a\ud800b")]).encode(), "item 1: a string holds an unpaired UTF-16 surrogate"),
+    (b'[{"messages": "\xff"}]', "not valid UTF-8"),
+    (b"[" * 100000, "item 1: invalid JSON"),
+    (b"[] []", "unexpected data after the JSON array"),
+    (b"hello", "not a Synapse, ChatGPT or llm file"),
+    (b"\x1f\x8b\x08\x00 gzip", "not a Synapse, ChatGPT or llm file"),
+])
+def test_malformed_and_foreign_files_are_one_error_line(user, tmp_path, data, complaint):
+    path = write_bytes(tmp_path, "in.json", data)
+    result = user.run("sessions", "import", path)
+    assert_one_error_line(result, 1, f"{path}: ", complaint, "nothing was imported from it")
+    assert not user.rows("SELECT * FROM sessions")
+
+
+def chatgpt_conversation(nodes: list, current: str, cid: str = "c1") -> dict:
+    """A conversation from [(node id, parent, message or None)]."""
+    return {"id": cid, "conversation_id": cid, "title": "t", "create_time": 1700000000.0,
+            "update_time": 1700000060.0, "current_node": current,
+            "mapping": {n: {"id": n, "parent": p, "message": m, "children": []} for n, p, m in nodes}}
+
+
+def chatgpt_message(role: str, content: dict, **extra: object) -> dict:
+    return {"author": {"role": role}, "content": content, "create_time": extra.pop("create_time", None),
+            "metadata": extra.pop("metadata", {}), "recipient": extra.pop("recipient", "all"), **extra}
+
+
+def chatgpt_text(*parts: object) -> dict:
+    return {"content_type": "text", "parts": list(parts)}
+
+
+def test_chatgpt_rules_the_fixtures_leave_out(user, tmp_path):
+    """Code addressed to all is a fenced block; other skips and the time rule."""
+    user.write_config(NO_CLEANUP)
+    nodes = [("r", None, None),
+             ("s", "r", chatgpt_message("system", chatgpt_text("Be kind."), create_time=1700000001.0)),
+             ("u", "s", chatgpt_message("user", {"content_type": "multimodal_text", "parts": [
+                 {"content_type": "image_asset_pointer"}, "", "look"]})),
+             ("t", "u", chatgpt_message("tool", chatgpt_text("tool output"), create_time=1700000003.0)),
+             ("c", "t", chatgpt_message("assistant", {"content_type": "code", "language": "python",
+                                                      "text": "print(1)"}, create_time=1700000004.0,
+                                        metadata={"model_slug": "gpt-4o"})),
+             ("k", "c", chatgpt_message("assistant", {"content_type": "code", "language": "unknown",
+                                                      "text": "x"}, metadata={"model_slug": "o3"})),
+             ("h", "k", chatgpt_message("user", chatgpt_text("hidden"),
+                                        metadata={"is_visually_hidden_from_conversation": True})),
+             ("b", "h", chatgpt_message("assistant", chatgpt_text("search"), recipient="browser")),
+             ("e", "b", chatgpt_message("assistant", chatgpt_text("  "))),
+             ("x", "e", chatgpt_message("assistant", {"content_type": "thoughts", "thoughts": []}))]
+    empty = chatgpt_conversation([("r", None, None), ("s", "r", chatgpt_message("system", chatgpt_text("")))],
+                                 "s", cid="empty")
+    path = write_bytes(tmp_path, "c.json", json.dumps([chatgpt_conversation(nodes, "x"), empty]).encode())
+    assert text(user.ok("sessions", "import", path)) == imported_line(path, 1, 3, 0)
+    [session] = stored(user.db_path).values()
+    assert session["system_prompt"] == "Be kind." and session["model"] == "o3"
+    assert [(m["role"], m["content"], m["timestamp"][:19], m["model"]) for m in session["messages"]] == [
+        ("user", "[image]\n\nlook", "2023-11-14T22:13:21", None),  # no time: the system message's
+        ("assistant", "```python\nprint(1)\n```", "2023-11-14T22:13:24", "gpt-4o"),
+        ("assistant", "```\nx\n```", "2023-11-14T22:13:24", "o3")]
+
+
+@pytest.mark.parametrize("conversation, complaint", [
+    (chatgpt_conversation([("a", "b", None), ("b", "a", None)], "a"), "parent links form a cycle"),
+    (chatgpt_conversation([("a", "gone", None)], "a"), "node gone is missing"),
+    (chatgpt_conversation([("a", None, None)], "zzz"), "node zzz is missing"),
+    (chatgpt_conversation([("a", 5, None)], "a"), "'parent' must be a string"),
+    (chatgpt_conversation([("a", None, chatgpt_message("user", "text"))], "a"), "'content' must be an object"),
+    (chatgpt_conversation([("a", None, chatgpt_message("user", chatgpt_text("x"), create_time=1e300))], "a"),
+     "not a valid time"),
+    ({"id": "c", "mapping": [], "current_node": "a", "create_time": 1}, "'mapping' must be an object"),
+])
+def test_hostile_chatgpt_conversations_name_the_conversation(user, tmp_path, conversation, complaint):
+    ok = chatgpt_conversation([("r", None, None), ("u", "r", chatgpt_message("user", chatgpt_text("hi")))],
+                              "u", cid="fine")
+    path = write_bytes(tmp_path, "c.json", json.dumps([ok, conversation]).encode())
+    assert_one_error_line(user.run("sessions", "import", path), 1, "item 2 (conversation c", complaint)
+    assert not user.rows("SELECT * FROM sessions")
+
+
+def zip_file(tmp_path: Path, members: Dict[str, bytes], name: str = "export.zip") -> str:
+    import zipfile
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    return str(path)
+
+
+def test_zips_without_conversations_or_damaged(user, tmp_path):
+    path = zip_file(tmp_path, {"user.json": b"{}", "chat.html": b"<html>",
+                               "inner/conversations.json": b"[]"})
+    assert_one_error_line(user.run("sessions", "import", path), 1, "without conversations.json")
+    data = (FIXTURES / "chatgpt" / "chatgpt-export.zip").read_bytes()
+    for cut in (100, len(data) // 2, len(data) - 30):
+        damaged = write_bytes(tmp_path, f"cut{cut}.zip", data[:cut])
+        assert_one_error_line(user.run("sessions", "import", damaged), 1, f"cut{cut}.zip: ")
+    assert not user.rows("SELECT * FROM sessions")
+
+
+def test_split_conversation_files_are_read_in_numeric_order(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+
+    def conversation(cid: str) -> bytes:
+        return json.dumps([chatgpt_conversation(
+            [("r", None, None), ("u", "r", chatgpt_message("user", chatgpt_text(cid)))], "u", cid=cid)]).encode()
+
+    path = zip_file(tmp_path, {"conversations-10.json": conversation("c10"),
+                               "conversations-2.json": conversation("c2"),
+                               "conversations-x.json": b"junk"})
+    user.ok("sessions", "import", path)
+    assert [c for _, c in user.messages()] == ["c2", "c10"]
+
+
+@pytest.mark.parametrize("declared", ["over 1 GiB", "over 200 to 1"])
+def test_zip_bombs_are_refused_before_unpacking(user, tmp_path, monkeypatch, declared):
+    import zipfile
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("conversations.json", b"[]" + b" " * 5000)
+        info = archive.infolist()[-1]
+        # The directory written on close declares what the test wants, as a
+        # crafted archive would: 1.5 GiB from 10 MiB, or 201 times its size.
+        if declared == "over 1 GiB":
+            info.file_size, info.compress_size = 3 << 29, 10 << 20
+        else:
+            info.file_size = info.compress_size * 201
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("a member was unpacked"))
+    assert_one_error_line(user.run("sessions", "import", str(path)), 1, "conversations.json: refused")
+
+
+def test_sqlite_files_that_are_not_llm_databases(user, tmp_path):
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE responses (id TEXT)")
+    conn.execute("CREATE VIEW conversations AS WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1"
+                 " FROM n) SELECT x AS id FROM n")  # a view is not an llm table (nor run)
+    conn.commit()
+    conn.close()
+    assert_one_error_line(user.run("sessions", "import", str(foreign)), 1,
+                          "a SQLite database but not an llm logs database")
+    half = write_bytes(tmp_path, "half.db", (FIXTURES / "llm" / "logs-0.13.db").read_bytes()[:20000])
+    assert_one_error_line(user.run("sessions", "import", half), 1, "half.db: ")
+
+
+def test_synapse_databases_are_refused_as_input(user, tmp_path):
+    chatted(user, "mine")
+    assert_one_error_line(user.run("sessions", "import", str(user.db_path)), 1,
+                          "synapse's own database")
+    link = tmp_path / "link.db"
+    link.symlink_to(user.db_path)
+    assert_one_error_line(user.run("sessions", "import", str(link)), 1, "synapse's own database")
+    copy = tmp_path / "copy.db"
+    user.ok("sessions", "backup", str(copy))
+    assert_one_error_line(user.run("sessions", "import", str(copy)), 1, "a Synapse database",
+                          "export --all")
+    assert len(user.session_ids()) == 1
+
+
+LLM_NATIVE = """CREATE TABLE threads(id TEXT PRIMARY KEY, name TEXT, tip_message_hash TEXT);
+CREATE TABLE turns(id TEXT PRIMARY KEY, thread_id TEXT, parent_message_hash TEXT, tip_message_hash TEXT,
+                   model TEXT, input_tokens INTEGER, output_tokens INTEGER, datetime_utc TEXT);
+CREATE TABLE messages(hash TEXT PRIMARY KEY, parent_hash TEXT, role TEXT);
+CREATE TABLE parts(id INTEGER PRIMARY KEY, message_hash TEXT, position INTEGER, type TEXT, tool_name TEXT,
+                   text TEXT, payload TEXT);
+CREATE TABLE fragments(id INTEGER PRIMARY KEY, content TEXT);
+CREATE TABLE attachments(id TEXT PRIMARY KEY, type TEXT);
+INSERT INTO threads VALUES ('t1', 'thread', 'b');
+INSERT INTO parts(message_hash, position, type, text) VALUES ('a', 0, 'text', 'q'), ('b', 0, 'text', 'r');
+"""
+LLM_TURN = "INSERT INTO turns VALUES ('u1', 't1', 'a', 'b', 'm', 1, 2, '2026-01-01T00:00:00+00:00');"
+
+
+@pytest.mark.parametrize("sql, complaint", [
+    ("INSERT INTO messages VALUES ('a', 'b', 'user'), ('b', 'a', 'assistant');" + LLM_TURN, "loops"),
+    ("INSERT INTO messages VALUES ('b', 'a', 'assistant');" + LLM_TURN, "is missing"),
+    ("INSERT INTO messages VALUES ('a', NULL, 'user'), ('b', NULL, 'assistant');" + LLM_TURN,
+     "does not follow from its parent"),
+    ("INSERT INTO messages VALUES ('a', NULL, 'user'), ('b', 'a', 'assistant');"
+     + LLM_TURN.replace("1, 2", "'many', 2"), "turn u1: 'input_tokens' must be an integer"),
+    ("INSERT INTO messages VALUES ('a', NULL, 'user'), ('b', 'a', 'assistant');"
+     "UPDATE parts SET text = NULL, payload = '{\"text_ref\": [{\"fragment\": 9}]}' WHERE message_hash = 'a';"
+     + LLM_TURN, "does not resolve"),
+    ("INSERT INTO messages VALUES ('a', NULL, 'user'), ('b', 'a', 'assistant');"
+     + LLM_TURN.replace("2026-01-01T00:00:00+00:00", "soon"), "turn u1: datetime_utc"),
+])
+def test_hostile_llm_databases(user, tmp_path, sql, complaint):
+    path = tmp_path / "logs.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(LLM_NATIVE + sql)
+    conn.close()
+    assert_one_error_line(user.run("sessions", "import", str(path)), 1, "logs.db: ", complaint)
+
+
+def test_stdin_json_zip_and_database_with_private_temporary_copies(user, tmp_path, monkeypatch):
+    import tempfile
+    user.write_config(NO_CLEANUP)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    copies = []
+    for name in ("llm_sessions", "chatgpt_zip_sessions"):
+        def spy(path, *args, _real=getattr(synapse, name)):
+            copies.append((path, stat.S_IMODE(os.stat(path).st_mode),
+                           stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)))
+            return _real(path, *args)
+        monkeypatch.setattr(synapse, name, spy)
+    line = json.dumps(synapse_session("piped")).encode()
+    assert text(user.ok("sessions", "import", "-", input=line)) == imported_line("stdin", 1, 1, 0)
+    zipped = (FIXTURES / "chatgpt" / "chatgpt-export.zip").read_bytes()
+    assert text(user.ok("sessions", "import", "-", input=zipped)) == imported_line("stdin", 6, 26, 0)
+    database = (FIXTURES / "llm" / "logs-0.31.1.db").read_bytes()
+    assert text(user.ok("sessions", "import", "-", input=database)) == imported_line("stdin", 6, 16, 0)
+    assert [(mode, folder) for _, mode, folder in copies] == [(0o600, 0o700)] * 2
+    assert all(path.startswith(str(tmp_path / "tmp")) for path, _, _ in copies)
+    assert list((tmp_path / "tmp").iterdir()) == []  # removed afterwards
+    result = user.run("sessions", "import", "-", input=zipped[:5000])
+    assert_one_error_line(result, 1, "stdin: ")
+    assert list((tmp_path / "tmp").iterdir()) == []  # also after a failure
+
+
+def test_reading_and_checking_hold_no_write_lock(user, tmp_path, monkeypatch):
+    user.write_config(NO_CLEANUP)
+    path = synapse_file(tmp_path, [synapse_session(f"s{i}") for i in range(3)])
+    probe = sqlite3.connect(user.db_path, timeout=0, isolation_level=None)
+    seen = []
+    real = synapse.read_import
+
+    def watched(*args):
+        for session in real(*args):
+            seen.append(write_lock_taken(probe))
+            yield session
+
+    monkeypatch.setattr(synapse, "read_import", watched)
+    user.ok("sessions", "import", path)
+    probe.close()
+    assert seen == [False] * 3
+
+
+def test_read_only_database_dry_run_reads_import_fails(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    chatted(user, "kept")
+    path = synapse_file(tmp_path, [synapse_session("new")])
+    with read_only(user.db_path):
+        dry = user.ok("sessions", "import", "--dry-run", path)
+        assert text(dry) == imported_line(path, 1, 1, 0, "Would import")
+        assert_one_error_line(user.run("sessions", "import", path), 1, "read-only")
+    assert [c for _, c in user.messages()] == ["kept", "kept"]
+
+
+def test_backup_is_a_private_consistent_database(user, tmp_path):
+    chatted(user, "one", "two")
+    copy = tmp_path / "backup.db"
+    old = os.umask(0o022)
+    try:
+        result = user.ok("sessions", "backup", str(copy))
+    finally:
+        os.umask(old)
+    assert text(result) == f"Backed up {user.db_path} to {copy}\n"
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("backup")) == ["backup.db"]
+    integrity(copy)
+    assert stored(copy) == stored(user.db_path)
+    store = synapse.SqliteStore(str(copy))  # opens as it is
+    assert len(store.list_sessions()) == 2
+    store.close()
+
+
+def test_backup_refuses_an_existing_file_or_a_directory(user, tmp_path):
+    chatted(user, "one")
+    existing = tmp_path / "existing.db"
+    existing.write_bytes(b"precious")
+    existing.chmod(0o644)
+    assert_one_error_line(user.run("sessions", "backup", str(existing)), 1, "already exists")
+    assert existing.read_bytes() == b"precious" and stat.S_IMODE(existing.stat().st_mode) == 0o644
+    assert_one_error_line(user.run("sessions", "backup", str(tmp_path)), 1, "is a directory")
+    assert_one_error_line(user.run("sessions", "backup", str(tmp_path / "no" / "x.db")), 1, "cannot create")
+
+
+def test_new_commands_in_help(user):
+    epilog = text(user.run("--help"))
+    for line in ("sessions export --all", "sessions import FILE...", "sessions backup FILE"):
+        assert line in epilog
+    help_text = text(user.ok("sessions", "import", "--help"))
+    assert "--dry-run" in help_text and "--allow-cleanup" in help_text and "ChatGPT" in help_text
+    assert "--all" in text(user.ok("sessions", "export", "--help"))
+    assert "consistent" in text(user.ok("sessions", "backup", "--help"))
+
+
+def big_export(path: Path, sessions: int, messages_each: int) -> None:
+    """A Synapse JSON Lines file, written fast."""
+    stamp = synapse.format_timestamp(NOW)
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(sessions):
+            out.write(json.dumps({
+                "id": fast_id(), "name": None, "provider": "echo", "model": "echo", "system_prompt": None,
+                "created_at": stamp, "updated_at": stamp,
+                "messages": [{"id": fast_id(), "role": "user", "content": f"message {i}.{j} " * 8,
+                              "timestamp": stamp} for j in range(messages_each)]}) + "\n")
+
+
+def test_export_import_and_backup_in_subprocesses(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    chatted(user, "one", "two")
+    exported = user.spawn("sessions", "export", "--all")
+    assert exported.returncode == 0 and exported.stdout.count(b"\n") == 2
+    path = tmp_path / "all.jsonl"
+    path.write_bytes(exported.stdout)
+    other = machine(tmp_path, "other")
+    result = other.spawn("sessions", "import", str(path), str(FIXTURES / "chatgpt" / "chatgpt-export.zip"))
+    assert result.returncode == 0, err(result)
+    assert text(result).splitlines()[0] == imported_line(str(path), 2, 4, 0).rstrip("\n")
+    backup = tmp_path / "backup.db"
+    assert other.spawn("sessions", "backup", str(backup)).returncode == 0
+    integrity(backup)
+    assert len(sqlite3.connect(backup).execute("SELECT id FROM sessions").fetchall()) == 8
+
+
+def test_ctrl_c_during_a_large_import_leaves_nothing_half_imported(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    path = tmp_path / "big.jsonl"
+    big_export(path, 1500, 8)
+    data = path.read_bytes()
+    synapse.SqliteStore(str(user.db_path)).close()
+    # While it reads and stages: stdin has given half the file, and no end.
+    reading = subprocess.Popen([sys.executable, SYNAPSE, "sessions", "import", "-"], env=user.env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=user.root)
+    reading.stdin.write(data[:len(data) // 2])
+    reading.stdin.flush()
+    reading.send_signal(signal.SIGINT)
+    reading.communicate(timeout=60)
+    assert reading.returncode == 130
+    integrity(user.db_path)
+    assert user.rows("SELECT count(*) FROM sessions") == [(0,)]
+    # Inside its one transaction.
+    probe = sqlite3.connect(user.db_path, timeout=0, isolation_level=None)
+    merging = user.popen("sessions", "import", str(path))
+    while not write_lock_taken(probe) and merging.poll() is None:
+        time.sleep(0.0005)
+    merging.send_signal(signal.SIGINT)
+    merging.communicate(timeout=60)
+    probe.close()
+    integrity(user.db_path)
+    counts = user.rows("SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM messages)")[0]
+    assert (merging.returncode, counts) in ((130, (0, 0)), (0, (1500, 12000)))
+    assert merging.returncode == 130, "the signal came after the import's transaction"
+
+
+def test_an_import_while_another_process_chats_both_land(user, tmp_path):
+    user.write_config(NO_CLEANUP)
+    path = tmp_path / "big.jsonl"
+    big_export(path, 1500, 8)
+    synapse.SqliteStore(str(user.db_path)).close()
+    probe = sqlite3.connect(user.db_path, timeout=0, isolation_level=None)
+    importing = user.popen("sessions", "import", str(path))
+    chats = [user.popen("-p", "echo", f"chat {i}") for i in range(2)]
+    while not write_lock_taken(probe) and importing.poll() is None:
+        time.sleep(0.0005)
+    chats.append(user.popen("-p", "echo", "chat during the merge"))
+    # A backup meanwhile neither waits for the import nor copies half of it.
+    backup = tmp_path / "backup.db"
+    assert user.spawn("sessions", "backup", str(backup)).returncode == 0
+    probe.close()
+    for process in (importing, *chats):
+        out, error = process.communicate(timeout=60)
+        assert process.returncode == 0, error.decode()
+    assert len(user.session_ids()) == 1503
+    assert user.rows("SELECT count(*) FROM messages")[0][0] == 12000 + 6
+    integrity(user.db_path)
+    integrity(backup)
+    copied = sqlite3.connect(backup)
+    (sessions,), (messages,) = copied.execute(
+        "SELECT count(*) FROM sessions UNION ALL SELECT count(*) FROM messages").fetchall()
+    copied.close()
+    assert sessions - sessions % 1500 in (0, 1500) and messages - 2 * (sessions % 1500) in (0, 12000)
+
+
+def test_export_all_streams_in_flat_memory(user, tmp_path, monkeypatch):
+    import tracemalloc
+    monkeypatch.setattr(synapse, "EXPORT_BATCH", 1 << 14)  # what is gathered before a write
+    many_sessions(user.db_path, 600, 10)
+    out = tmp_path / "all.jsonl"
+    tracemalloc.start()
+    try:
+        user.ok("sessions", "export", "--all", "-o", str(out))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.stat().st_size > 1_500_000 and peak < out.stat().st_size / 4, peak
+
+
+def chatgpt_export(path: Path, conversations: int, messages: int) -> None:
+    """A conversations.json of long conversations, written fast."""
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("[")
+        for i in range(conversations):
+            mapping = {"root": {"id": "root", "parent": None, "message": None, "children": []}}
+            for k in range(messages):
+                mapping[f"m{k}"] = {"id": f"m{k}", "parent": f"m{k - 1}" if k else "root", "children": [],
+                                    "message": chatgpt_message("user" if k % 2 == 0 else "assistant",
+                                                               chatgpt_text(f"message {k} of {i} " * 5),
+                                                               create_time=1700000000.5 + k)}
+            out.write(("," if i else "") + json.dumps(
+                {"id": f"c{i}", "title": "t", "create_time": 1700000000, "update_time": 1700000100,
+                 "current_node": f"m{messages - 1}", "mapping": mapping}))
+        out.write("]")
+
+
+def test_a_chatgpt_export_is_read_a_conversation_at_a_time(tmp_path, monkeypatch):
+    import tracemalloc
+    monkeypatch.setattr(synapse, "IMPORT_CHUNK", 1 << 16)  # what is read at a time
+    path = tmp_path / "conversations.json"
+    chatgpt_export(path, 150, 40)
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in synapse.read_import(str(path), "openai", str(tmp_path / "x.db")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 150 and path.stat().st_size > 1_500_000
+    assert peak < path.stat().st_size / 3, peak  # the whole file decoded: many times its size
+
+
+def test_values_split_across_reads_come_out_whole(monkeypatch):
+    """Reads of 7 bytes split numbers, escapes and multibyte characters anywhere."""
+    monkeypatch.setattr(synapse, "IMPORT_CHUNK", 7)
+    values = [{"n": 123456789, "s": "\u00e9\u20ac\U0001f600 \\u00e9 \\ud83d\\ude00", "l": [1.5e10, True, None]}] * 4
+    for data in (json.dumps(values, ensure_ascii=False), "\n".join(json.dumps(v) for v in values)):
+        stream = io.BytesIO(b"\xef\xbb\xbf" + data.encode())
+        got = list(synapse.iter_json_values(iter(lambda: stream.read(synapse.IMPORT_CHUNK), b"")))
+        assert [v for _, v in got] == values
+    stream = io.BytesIO(b"\n\n" + json.dumps(values[0]).encode() + b"\n\n{}\n")
+    assert [w for w, _ in synapse.iter_json_values(iter(lambda: stream.read(7), b""))] == ["line 3", "line 5"]
+
+
+def test_one_huge_value_is_read_in_linear_time(monkeypatch):
+    attempts = []
+    decoder = synapse._JSON_DECODER
+
+    class Counting:
+        def raw_decode(self, text, index=0):
+            attempts.append(index)
+            return decoder.raw_decode(text, index)
+
+    monkeypatch.setattr(synapse, "_JSON_DECODER", Counting())
+    data = b'[{"messages": "' + b"a" * 8_000_000 + b'"}]'
+    stream = io.BytesIO(data)
+    [(where, value)] = list(synapse.iter_json_values(iter(lambda: stream.read(1 << 20), b"")))
+    assert where == "item 1" and len(value["messages"]) == 8_000_000
+    # Each retry doubles what it waits for: a handful of decodes, not one a read.
+    assert len(attempts) <= 6, attempts
