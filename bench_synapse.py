@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -160,6 +161,93 @@ def build_long_session(path: Path, messages: int, rng: random.Random) -> str:
     conn.execute("COMMIT")
     conn.close()
     return str(session.id)
+
+
+def write_chatgpt_export(path: Path, conversations: int, messages: int, rng: random.Random) -> None:
+    """A conversations.json shaped like ChatGPT's (fixtures/chatgpt/README.md):
+    a hidden system message first, then turns with metadata, one line."""
+    def node(node_id: str, parent: str, role: str, text: str, hidden: bool = False) -> dict:
+        return {"id": node_id, "parent": parent, "children": [], "message": {
+            "id": node_id, "author": {"role": role, "name": None, "metadata": {}},
+            "create_time": None if hidden else 1700000000.0 + rng.random() * 1e6,
+            "update_time": None, "content": {"content_type": "text", "parts": [text]},
+            "status": "finished_successfully", "end_turn": role == "assistant", "weight": 0 if hidden else 1,
+            "metadata": {"is_visually_hidden_from_conversation": True} if hidden else {
+                "model_slug": "gpt-4o", "finish_details": {"type": "stop"}, "citations": []},
+            "recipient": "all"}}
+
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("[")
+        for i in range(conversations):
+            cid = str(uuid.UUID(int=rng.getrandbits(128)))
+            mapping = {"client-created-root": {"id": "client-created-root", "message": None,
+                                               "parent": None, "children": []},
+                       "system": node("system", "client-created-root", "system", "", hidden=True)}
+            parent = "system"
+            for k in range(messages):
+                node_id = str(uuid.UUID(int=rng.getrandbits(128)))
+                mapping[node_id] = node(node_id, parent, "user" if k % 2 == 0 else "assistant",
+                                        " ".join(rng.choices(WORDS, k=rng.randint(10, 80))))
+                parent = node_id
+            out.write(("," if i else "") + json.dumps({
+                "title": f"conversation {i}", "create_time": 1700000000.0, "update_time": 1701000000.0,
+                "mapping": mapping, "moderation_results": [], "current_node": parent,
+                "conversation_id": cid, "id": cid, "default_model_slug": "gpt-4o"},
+                ensure_ascii=False))
+        out.write("]")
+
+
+# A process that goes on writing to the database while it is backed up.
+WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import synapse
+store = synapse.SqliteStore(sys.argv[2])
+session = synapse.Session.new("echo", "echo")
+store.create_session(session)
+print("writing", flush=True)
+while True:
+    store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.USER, "written meanwhile"))
+"""
+
+
+def backup_row(cli: List[str], env: dict, database: Path, work: Path, sessions: int, runs: int) -> Row:
+    """``sessions backup`` of ``database`` while another process writes to it;
+    each copy must be whole: integrity_check ok, every session, no orphan."""
+    copy = work / "backup.db"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(HERE), str(database)],
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    checked = []
+
+    def check_copy() -> None:
+        if copy.exists():
+            checked.append(copy_is_whole(copy, sessions))
+            copy.unlink()
+
+    try:
+        if writer.stdout.readline() != b"writing\n":
+            raise SystemExit("bench: the writer did not start")
+        backup_runs = repeat([*cli, "sessions", "backup", str(copy)], env, runs, prepare=check_copy)
+        check_copy()
+    finally:
+        writer.kill()
+        writer.wait()
+    if not all(checked) or len(checked) != runs:
+        raise SystemExit("bench: a backup taken while another process wrote is not whole")
+    return timing_row(f"sessions backup ({sessions:,} sessions) while another process writes", 10.0,
+                      backup_runs, target_text="< 10 s, consistent")
+
+
+def copy_is_whole(path: Path, sessions: int) -> bool:
+    conn = sqlite3.connect(path)
+    try:
+        return (conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+                and conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == sessions + 1
+                and conn.execute("SELECT count(*) FROM messages WHERE session_id NOT IN"
+                                 " (SELECT id FROM sessions)").fetchone()[0] == 0
+                and conn.execute("SELECT count(*) FROM messages").fetchone()[0] >= sessions * 10)
+    finally:
+        conn.close()
 
 
 # -- a local provider that answers at once, or slowly with timestamps --------------------
@@ -390,9 +478,49 @@ retention_days = 0
         rows.append(timing_row(f"sessions search --limit 20, common word ({sessions:,} x 10)", 0.500,
                                repeat([*cli, "sessions", "search", "python", "--limit", "20"],
                                       env, runs)))
-        peak = max(r.peak_mb or 0 for r in rows)
-        rows.append(Row("peak memory, any command above", "< 60 MB", f"{peak:.1f} MB", peak < 60,
-                        peak, peak, peak))
+        # SPEC 12: export, import and backup of the whole history (a few runs
+        # each: they take seconds).
+        heavy_runs = max(runs // 3, 1)
+        exported = work / "export.jsonl"
+        export_runs = repeat([*cli, "sessions", "export", "--all", "-o", str(exported)], env,
+                             heavy_runs, prepare=lambda: exported.unlink(missing_ok=True))
+        with open(exported, "rb") as lines:
+            if sum(1 for _ in lines) != sessions:
+                raise SystemExit("bench: export --all did not write a line a session")
+        rows.append(timing_row(f"sessions export --all ({sessions:,} sessions x 10)", 15.0,
+                               export_runs, target_text="< 15 s"))
+        imported = work / "imported.db"
+
+        def empty_database() -> None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{imported}{suffix}").unlink(missing_ok=True)
+
+        import_env = {**env, "SYNAPSE_DATABASE_URL": str(imported)}
+        import_runs = repeat([*cli, "sessions", "import", str(exported)], import_env, heavy_runs,
+                             prepare=empty_database)
+        if not all(f"Imported {sessions} sessions".encode() in r.stdout for r in import_runs):
+            raise SystemExit(f"bench: the import missed sessions: {import_runs[0].stdout!r}")
+        rows.append(timing_row("sessions import of that export into an empty database", 30.0,
+                               import_runs, target_text="< 30 s"))
+        conversations = 100 if args.quick else 2000
+        chatgpt = work / "conversations.json"
+        write_chatgpt_export(chatgpt, conversations, 50, rng)
+        chatgpt_runs = repeat([*cli, "sessions", "import", str(chatgpt)], import_env, heavy_runs,
+                              prepare=empty_database)
+        if not all(f"Imported {conversations} sessions".encode() in r.stdout for r in chatgpt_runs):
+            raise SystemExit(f"bench: the ChatGPT import missed sessions: {chatgpt_runs[0].stdout!r}")
+        chatgpt_row = timing_row(f"sessions import, ChatGPT export of {conversations:,} x 50 "
+                                 f"({chatgpt.stat().st_size / 1e6:.0f} MB)", 15.0, chatgpt_runs,
+                                 target_text="< 15 s")
+        chatgpt_row.passed = chatgpt_row.passed and chatgpt_row.peak_mb < 100
+        chatgpt_row.target += ", < 100 MB"
+        rows.append(chatgpt_row)
+        rows.append(backup_row(cli, env, big, work, sessions, heavy_runs))
+
+        # The ChatGPT import has a memory target of its own.
+        peak = max(r.peak_mb or 0 for r in rows if r is not chatgpt_row)
+        rows.append(Row("peak memory, any command above but the ChatGPT import", "< 60 MB",
+                        f"{peak:.1f} MB", peak < 60, peak, peak, peak))
     finally:
         server.close()
         shutil.rmtree(work, ignore_errors=True)
