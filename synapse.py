@@ -2575,11 +2575,17 @@ class JsonValues:
 
 
 def _holds_lone_surrogate(value: object) -> bool:
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        value = list(value.values())
-    return isinstance(value, list) and any(map(_holds_lone_surrogate, value))
+    pending = [value]  # a stack, not recursion: the value may nest as deep as JSON lets it
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def iter_json_values(chunks: Iterator[bytes]) -> Iterator[Tuple[str, Any]]:
@@ -3337,7 +3343,8 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     imports = command("import", command_import,
                       "import sessions from files: Synapse JSON or JSON Lines (what export "
                       "writes), a ChatGPT data export (its .zip or conversations.json), or an "
-                      "llm logs.db; each file whole or not at all, and again adds nothing")
+                      "llm logs.db; each file whole or not at all, and a file imported again "
+                      "adds nothing")
     imports.add_argument("files", nargs="+", metavar="FILE", help="a file to import; - is stdin")
     imports.add_argument("--dry-run", action="store_true",
                          help="write nothing; say what would be imported")
@@ -3583,6 +3590,10 @@ def command_export(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 # Characters of JSON Lines gathered before each write of ``export --all``.
 EXPORT_BATCH = 1 << 18
 
@@ -3615,10 +3626,6 @@ def _export_all(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
 def command_import(args: argparse.Namespace, config: Config) -> int:
     """``sessions import FILE...``: read and check every file first (its rows
     staged), then the cleanup guard, then one transaction a file."""
@@ -3628,7 +3635,9 @@ def command_import(args: argparse.Namespace, config: Config) -> int:
         for index, path in enumerate(args.files):
             label = "stdin" if path == "-" else path
             try:
-                with contextlib.closing(read_import(path, config.provider, store.path)) as sessions:
+                sessions = read_import(path if path == "-" else os.path.expanduser(path),
+                                       config.provider, store.path)
+                with contextlib.closing(sessions):
                     store.stage_import(index, sessions)
             except ImportFailure as exc:
                 report_error(f"{label}: {exc}; nothing was imported from it", config)

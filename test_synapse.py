@@ -3740,6 +3740,7 @@ CHATGPT_JSON = (FIXTURES / "chatgpt" / "conversations.json")
                                            "timestamp": "2026-01-01T00:00:00", "output_tokens": 2 ** 64}])).encode(),
      "'output_tokens' must be a count"),
     (json.dumps([synapse_session("a\ud800b")]).encode(), "item 1: a string holds an unpaired UTF-16 surrogate"),
+    (b'[' + b'[' * 900 + b'"\\udc00"' + b']' * 900 + b']', "item 1: a string holds an unpaired"),
     (b'[{"messages": "\xff"}]', "not valid UTF-8"),
     (b"[" * 100000, "item 1: invalid JSON"),
     (b"[] []", "unexpected data after the JSON array"),
