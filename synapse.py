@@ -339,6 +339,15 @@ class SearchHit(namedtuple("SearchHit", "session snippet")):
     __slots__ = ()
 
 
+class SessionFilter(namedtuple("SessionFilter", "since until provider model role",
+                               defaults=(None, None, None, None, None))):
+    """What a listing is narrowed to (SPEC §3, §11): ``since`` (inclusive) and
+    ``until`` (exclusive) UTC datetimes, ``provider`` and ``model`` names, and
+    for search the ``role`` of the matching message; None is no limit."""
+
+    __slots__ = ()
+
+
 PREVIEW_LENGTH = 50
 
 
@@ -359,14 +368,16 @@ def shorten(text: str, limit: int) -> str:
 
 
 class ProviderSettings(namedtuple("ProviderSettings", "name kind base_url model api_key_env api_key"
-                                                      " needs_key max_tokens_field",
-                                  defaults=(None, None, False, "max_tokens"))):
+                                                      " needs_key max_tokens_field stream_usage",
+                                  defaults=(None, None, False, "max_tokens", False))):
     """One provider as built in and as the config file amends it.
 
     ``kind`` is "openai", "anthropic" or "echo"; ``base_url``, ``api_key_env``
     and ``api_key`` are str or None; ``needs_key`` is a bool.  The built-in
     openai provider's ``max_tokens_field`` is max_completion_tokens: newer
     OpenAI models reject max_tokens, while other compatible servers only know it.
+    ``stream_usage``: whether a streamed request asks for token counts
+    (``stream_options``), which some compatible servers refuse.
     """
 
     __slots__ = ()
@@ -377,17 +388,19 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = MappingProxyType({
     for p in (
         ProviderSettings(
             "deepseek", "openai", "https://api.deepseek.com", "deepseek-chat",
-            "DEEPSEEK_API_KEY", needs_key=True,
+            "DEEPSEEK_API_KEY", needs_key=True, stream_usage=True,
         ),
         ProviderSettings(
             "openai", "openai", "https://api.openai.com/v1", "gpt-4o-mini",
             "OPENAI_API_KEY", needs_key=True, max_tokens_field="max_completion_tokens",
+            stream_usage=True,
         ),
         ProviderSettings(
             "anthropic", "anthropic", "https://api.anthropic.com", "claude-sonnet-4-5",
             "ANTHROPIC_API_KEY", needs_key=True,
         ),
-        ProviderSettings("ollama", "openai", "http://localhost:11434/v1", "llama3.2"),
+        ProviderSettings("ollama", "openai", "http://localhost:11434/v1", "llama3.2",
+                         stream_usage=True),
         ProviderSettings("echo", "echo", None, "echo"),
     )
 })
@@ -405,6 +418,7 @@ _CONFIG_DEFAULTS: Mapping[str, object] = MappingProxyType({
     "system_prompt": None,
     "providers": MappingProxyType({}),  # [providers.NAME] tables, as read
     "session": SessionConfig(),
+    "prices": MappingProxyType({}),  # model: Price, from the [prices."MODEL"] tables
 })
 
 
@@ -414,8 +428,8 @@ class Config(namedtuple("Config", _CONFIG_DEFAULTS, defaults=_CONFIG_DEFAULTS.va
     __slots__ = ()
 
 
-class Provider(namedtuple("Provider", "name kind base_url model api_key max_tokens_field",
-                          defaults=("max_tokens",))):
+class Provider(namedtuple("Provider", "name kind base_url model api_key max_tokens_field stream_usage",
+                          defaults=("max_tokens", False))):
     """The provider in force for one turn: everything a client needs
     (``base_url`` and ``api_key`` may be None)."""
 
@@ -446,6 +460,7 @@ TOP_LEVEL_KEYS: Mapping[str, tuple] = MappingProxyType({
     "system_prompt_file": (str,),
     "providers": (dict,),
     "session": (dict,),
+    "prices": (dict,),
 })
 PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "kind": (str,),
@@ -453,7 +468,9 @@ PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "api_key": (str,),
     "api_key_env": (str,),
     "model": (str,),
+    "stream_usage": (bool,),
 })
+PRICE_KEYS: Mapping[str, tuple] = MappingProxyType({"input": _NUMBER, "output": _NUMBER})
 SESSION_KEYS: Mapping[str, tuple] = MappingProxyType({
     "database_url": (str,),
     "max_sessions": (int,),
@@ -469,6 +486,8 @@ NUMBER_RULES: Mapping[str, Tuple[Callable[[Any], bool], str]] = MappingProxyType
     "temperature": (lambda v: 0 <= v <= 2, "a number from 0 to 2"),
     "timeout": (lambda v: 0 < v <= 86400, "more than 0 and at most 86400 (seconds)"),
     "max_sessions": (lambda v: v >= 0, "0 or more"),
+    "input": (lambda v: 0 <= v < float("inf"), "a number, 0 or more (per million tokens)"),
+    "output": (lambda v: 0 <= v < float("inf"), "a number, 0 or more (per million tokens)"),
     "retention_days": (lambda v: 0 <= v <= 36500, "from 0 to 36500 (days)"),
 })
 
@@ -514,6 +533,7 @@ def load_config(explicit: Optional[str] = None,
     session = SessionConfig(**_checked_table(top.pop("session", {}), SESSION_KEYS,  # type: ignore[arg-type]
                                              "session.", path))
     providers = _provider_tables(top.pop("providers", {}), path)
+    prices = _price_tables(top.pop("prices", {}), path)
     prompt_file = top.pop("system_prompt_file", None)
     if prompt_file is not None and "system_prompt" not in top:
         top["system_prompt"] = _read_prompt_file(path, str(prompt_file), "system_prompt_file")
@@ -524,7 +544,7 @@ def load_config(explicit: Optional[str] = None,
 
     numbers = {k: float(top[k]) for k in ("temperature", "timeout") if k in top}
     return Config(path=path, **{**top, **numbers}, providers=providers,  # type: ignore[arg-type]
-                  session=session)
+                  session=session, prices=prices)
 
 
 def _read_toml(path: str, named: bool) -> Optional[Dict[str, Any]]:
@@ -561,6 +581,27 @@ def _provider_tables(tables: Mapping[str, object], path: str) -> Dict[str, Mappi
                 f"{path}: 'providers.{name}.kind' must be \"openai\" or \"anthropic\"")
         providers[name] = entry
     return providers
+
+
+class Price(namedtuple("Price", "input output")):
+    """What a model costs per million input and output tokens (floats), in
+    whatever currency the user writes prices in."""
+
+    __slots__ = ()
+
+
+def _price_tables(tables: Mapping[str, object], path: str) -> Dict[str, Price]:
+    prices: Dict[str, Price] = {}
+    for model, table in tables.items():
+        where = f"prices.{json.dumps(model)}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{where}' must be a table with input and output")
+        entry = _checked_table(table, PRICE_KEYS, f"{where}.", path)
+        missing = [k for k in PRICE_KEYS if k not in entry]
+        if missing:
+            raise ConfigError(f"{path}: '{where}' needs {' and '.join(missing)} (per million tokens)")
+        prices[model] = Price(float(entry["input"]), float(entry["output"]))  # type: ignore[arg-type]
+    return prices
 
 
 def _read_prompt_file(config_path: str, name: str, key: str) -> str:
@@ -625,7 +666,7 @@ def resolve_provider(config: Config, name: Optional[str], model: Optional[str],
     if settings.base_url is not None:
         _check_base_url(settings.base_url, settings.name, where)
     return Provider(settings.name, settings.kind, settings.base_url, chosen_model, key,
-                    settings.max_tokens_field)
+                    settings.max_tokens_field, settings.stream_usage)
 
 
 def _check_base_url(url: str, provider: str, where: str) -> None:
@@ -715,8 +756,9 @@ class SessionStore(Protocol):
     def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
         """The session, or None."""
 
-    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
-        """Summaries, most recently updated first."""
+    def list_sessions(self, limit: Optional[int] = None,
+                      where: SessionFilter = SessionFilter()) -> List[SessionSummary]:
+        """Summaries, most recently updated first (``where`` filters them)."""
 
     def touch_session(self, session_id: uuid.UUID) -> None:
         """Set ``updated_at`` to now; SessionNotFound if absent."""
@@ -1019,6 +1061,31 @@ def _casefold_contains(content: Optional[str], needle: str) -> bool:
     return content is not None and needle in content.casefold()
 
 
+def _filter_sql(where: SessionFilter, time_column: str, table: str) -> Tuple[str, Dict[str, object]]:
+    """``where`` as SQL conditions (each after an AND) on ``time_column`` and
+    the provider and model of ``table``, and their parameters."""
+    conditions, params = "", {}
+    for name, column, value, operator in (
+            ("since", time_column, where.since, ">="), ("until", time_column, where.until, "<"),
+            ("provider", f"{table}.provider", where.provider, "="),
+            ("model", f"{table}.model", where.model, "=")):
+        if value is not None:
+            conditions += f" AND {column} {operator} :{name}"
+            params[name] = format_timestamp(value) if isinstance(value, datetime) else value
+    return conditions, params
+
+
+# How ``synapse usage --by`` groups replies: local days and months, as the
+# user's clock reads them (SQLite's localtime follows TZ, as Python's does).
+USAGE_GROUPS: Mapping[str, str] = MappingProxyType({
+    "model": "m.model",
+    "provider": "m.provider",
+    "day": "date(m.timestamp, 'localtime')",
+    "month": "strftime('%Y-%m', m.timestamp, 'localtime')",
+    "session": "m.session_id",
+})
+
+
 def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID]
                      ) -> Tuple[int, List[Tuple[str, str, Mapping[str, object]]]]:
     """How many sessions there are, and the queries that choose what a cleanup
@@ -1171,11 +1238,13 @@ class SqliteStore:
                           (_key(session_id),))
         return _session_from_row(rows[0]) if rows else None
 
-    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
+    def list_sessions(self, limit: Optional[int] = None,
+                      where: SessionFilter = SessionFilter()) -> List[SessionSummary]:
+        conditions, params = _filter_sql(where, "s.updated_at", "s")
         rows = self._read(
-            f"SELECT {_SUMMARY_COLUMNS} FROM sessions s"
-            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT ?",
-            (-1 if limit is None else limit,))
+            f"SELECT {_SUMMARY_COLUMNS} FROM sessions s WHERE 1{conditions}"
+            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT :limit",
+            {**params, "limit": -1 if limit is None else limit})
         return [_summary_from_row(r) for r in rows]
 
     def touch_session(self, session_id: uuid.UUID) -> None:
@@ -1255,8 +1324,10 @@ class SqliteStore:
         with self._write() as conn:
             _touch(conn, _key(session_id), provider=provider, model=model)
 
-    def search_sessions(self, text: str, limit: Optional[int] = None) -> List[SearchHit]:
-        """Sessions with a message containing ``text``, newest first.
+    def search_sessions(self, text: str, limit: Optional[int] = None,
+                        where: SessionFilter = SessionFilter()) -> List[SearchHit]:
+        """Sessions with a message containing ``text``, newest first; ``where``
+        narrows the sessions and the role of the message.
 
         An ASCII needle uses LIKE, which SQLite runs in C and which ignores
         ASCII case; any other needle is matched with Python's ``casefold`` so
@@ -1276,22 +1347,38 @@ class SqliteStore:
             self._conn.create_function("casefold_contains", 2, _casefold_contains,
                                        deterministic=True)
             condition, needle = "casefold_contains(m.content, :needle)", text.casefold()
+        if where.role is not None:
+            condition += " AND m.role = :role"
+        sessions, params = _filter_sql(where, "s.updated_at", "s")
         first_hit = (f"(SELECT m.content FROM messages m WHERE m.session_id = s.id"
                      f" AND {condition} ORDER BY m.rowid LIMIT 1)")
         newest_first = "ORDER BY s.updated_at DESC, s.rowid DESC"
-        params = {"needle": needle, "limit": -1 if limit is None else limit}
+        params.update(needle=needle, role=where.role, limit=-1 if limit is None else limit)
         rows = None
         if limit is not None:
             rows = self._read_bounded(
                 f"SELECT * FROM (SELECT {_SUMMARY_COLUMNS}, {first_hit} AS hit"
-                f" FROM sessions s {newest_first}) WHERE hit IS NOT NULL LIMIT :limit",
-                params, SEARCH_WALK_BUDGET)
+                f" FROM sessions s WHERE 1{sessions} {newest_first}) WHERE hit IS NOT NULL"
+                f" LIMIT :limit", params, SEARCH_WALK_BUDGET)
         if rows is None:
             rows = self._read(
                 f"SELECT {_SUMMARY_COLUMNS}, {first_hit} FROM sessions s"
-                f" WHERE s.id IN (SELECT m.session_id FROM messages m WHERE {condition})"
+                f" WHERE s.id IN (SELECT m.session_id FROM messages m WHERE {condition}){sessions}"
                 f" {newest_first} LIMIT :limit", params)
         return [SearchHit(_summary_from_row(r[:8]), make_snippet(r[8], text)) for r in rows]
+
+    def usage(self, by: str, where: SessionFilter) -> List[tuple]:
+        """Sums over the replies (assistant messages) ``where`` selects, by
+        their timestamp: rows of (group, model, replies, replies without counts,
+        input tokens, output tokens, and by session the session's name), one
+        per group and model."""
+        conditions, params = _filter_sql(where, "m.timestamp", "m")
+        join = " LEFT JOIN sessions s ON s.id = g.grp" if by == "session" else ""
+        return self._read(
+            f"SELECT g.*, {'s.name' if join else 'NULL'} FROM (SELECT {USAGE_GROUPS[by]} AS grp,"
+            " m.model, count(*), sum(m.input_tokens IS NULL AND m.output_tokens IS NULL),"
+            " coalesce(sum(m.input_tokens), 0), coalesce(sum(m.output_tokens), 0)"
+            f" FROM messages m WHERE m.role = 'assistant'{conditions} GROUP BY 1, 2) g{join}", params)
 
     def _read_bounded(self, sql: str, params: Mapping[str, object],
                       budget: int) -> Optional[List[tuple]]:
@@ -1585,8 +1672,12 @@ def send_request(provider: Provider, method: str, path: str, headers: Mapping[st
         content = b"".join(iter_response_bytes(response, timeout))
     except (ProviderFault, _Retry):
         content = b""
-    fault = ProviderFault(describe_http_error(response.status_code, response.reason or "", content,
-                                              response.headers.get("content-type", "")))
+    text = describe_http_error(response.status_code, response.reason or "", content,
+                               response.headers.get("content-type", ""))
+    if payload and "stream_options" in payload and b"stream_options" in content:
+        text += (f"; this server does not take stream_options: set stream_usage = false "
+                 f"under [providers.{provider.name}] in the config")
+    fault = ProviderFault(text)
     if response.status_code in RETRY_STATUSES and not _is_permanent(response.status_code, content):
         raise _Retry(fault, {k.lower(): v for k, v in response.headers.items()})
     raise fault
@@ -1705,6 +1796,8 @@ def openai_payload(provider: Provider, request: ChatRequest) -> Dict[str, object
                                   provider.max_tokens_field: request.max_tokens}
     if request.temperature is not None:
         payload["temperature"] = request.temperature
+    if request.stream and provider.stream_usage:
+        payload["stream_options"] = {"include_usage": True}  # the counts come in a last chunk
     return payload
 
 
@@ -1868,49 +1961,99 @@ PROTOCOLS: Mapping[str, ChatProtocol] = MappingProxyType({
 })
 
 
+def with_retries(call: Callable[[], Any]) -> Any:
+    """``call()``; after a _Retry, again (at most MAX_RETRIES times), waiting
+    ``retry_delay`` first."""
+    for attempt in itertools.count():
+        try:
+            return call()
+        except _Retry as retry:
+            if attempt >= MAX_RETRIES:
+                raise retry.fault from None
+            time.sleep(retry_delay(attempt, retry.headers))
+
+
 def stream_chat(provider: Provider, request: ChatRequest) -> Iterator[Reply]:
     """The provider's reply to ``request`` as it arrives: text pieces (str),
     and Usage records (token counts, the stop reason) where the protocol
     reports them.
 
     The one entry point to every protocol.  Connection errors and the
-    RETRY_STATUSES are retried up to MAX_RETRIES times, also a connection that
-    drops before the first piece of text, but never once text is out.  A reply
-    without any text is an error.  Every ProviderFault below leaves as a
-    ProviderError naming the provider.
+    RETRY_STATUSES are retried, also a connection that drops before the first
+    piece of text, but never once text is out.  A reply without any text is
+    an error.  Every ProviderFault below leaves as a ProviderError naming the
+    provider.
     """
     if provider.kind == "echo":
         yield from echo_reply(request)
         return
     protocol = PROTOCOLS[provider.kind]
     payload = protocol.payload(provider, request)
-    try:
-        for attempt in itertools.count():
-            started, stop_reason = False, None
-            try:
-                response = send_request(provider, "POST", protocol.path,
-                                        protocol.headers(provider), payload,
-                                        request.timeout, request.stream)
-                if _response_kind(response) == "json":
-                    reply = protocol.body(read_json_body(response, request.timeout))
-                else:
-                    reply = protocol.events(iter_events(response, request.timeout))
-                for item in reply:
-                    if isinstance(item, Usage):
-                        stop_reason = item.stop_reason or stop_reason
-                    elif item:
-                        started = True
-                    yield item
+
+    def up_to_the_first_text() -> Tuple[List[Reply], Iterator[Reply]]:
+        response = send_request(provider, "POST", protocol.path, protocol.headers(provider),
+                                payload, request.timeout, request.stream)
+        if _response_kind(response) == "json":
+            reply = protocol.body(read_json_body(response, request.timeout))
+        else:
+            reply = protocol.events(iter_events(response, request.timeout))
+        head: List[Reply] = []
+        for item in reply:
+            head.append(item)
+            if isinstance(item, str) and item:
                 break
-            except _Retry as retry:
-                if started or attempt >= MAX_RETRIES:
-                    raise retry.fault from None
-                time.sleep(retry_delay(attempt, retry.headers))
-        if not started:
+        return head, reply
+
+    try:
+        head, rest = with_retries(up_to_the_first_text)
+        yield from head
+        if not any(isinstance(item, str) and item for item in head):
+            stop_reason = next((i.stop_reason for i in reversed(head) if i.stop_reason), None)
             because = f" (stop reason: {stop_reason})" if stop_reason else ""
             raise ProviderFault(f"sent a reply without any text{because}")
+        try:
+            yield from rest
+        except _Retry as retry:  # text is out: too late to ask again
+            raise retry.fault from None
     except ProviderFault as fault:
         raise ProviderError(f"{provider.name} {fault}") from None
+
+
+def list_models(provider: Provider, timeout: float) -> List[str]:
+    """The IDs of the models the provider offers (SPEC §11): OpenAI-compatible
+    ``/models``, Anthropic's ``/v1/models`` page by page; echo has one."""
+    if provider.kind == "echo":
+        return ["echo"]
+    anthropic = provider.kind == "anthropic"
+    headers = anthropic_headers(provider) if anthropic else openai_headers(provider)
+    models: List[str] = []
+    after = None
+    try:
+        while True:
+            path = "/models"
+            if anthropic:
+                path = "/v1/models?limit=1000" + (f"&after_id={after}" if after else "")
+            page = with_retries(lambda: read_json_body(
+                _json_response(send_request(provider, "GET", path, headers, None, timeout, False)),
+                timeout))
+            data = page.get("data", "missing")
+            data = [] if data is None else data  # Ollama with no model pulled
+            if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                       for m in data):
+                raise ProviderFault(f"sent a model list without a list of models: {_sample(page)}")
+            models += [m["id"] for m in data]
+            after = page.get("last_id")
+            if not (anthropic and page.get("has_more") and after):
+                return models
+    except ProviderFault as fault:
+        raise ProviderError(f"{provider.name} {fault}") from None
+
+
+def _json_response(response):
+    if _response_kind(response) != "json":
+        response.close()
+        raise ProviderFault("answered with something that is not JSON (is base_url right?)")
+    return response
 
 
 def echo_reply(request: ChatRequest) -> Iterator[Reply]:
@@ -2024,30 +2167,41 @@ class Conversation:
                            [(m.role.value, m.content) for m in self.history if m.role != Role.SYSTEM],
                            config.max_tokens, config.temperature, config.timeout, self.stream)
 
-    def send(self, text: str, out: Callable[[str], None]) -> str:
+    def send(self, text: str, out: Callable[[str], None]) -> Optional[StoredMessage]:
         """SPEC §6 steps 6 to 9: store ``text``, give each piece of the reply
         to ``out`` as it arrives, store the reply -- what arrived of it,
-        whatever ends the stream."""
+        whatever ends the stream -- with who wrote it, its tokens and why it
+        ended (SPEC §11).  Returns the stored reply."""
         self._keep(StoredMessage.new(self.session.id, Role.USER, text))  # before the network
         pieces: List[str] = []
-        complete = False
+        usage, ending = Usage(), "error"
+        reply: Optional[StoredMessage] = None
         try:
             for item in stream_chat(self.provider, self.request()):
-                if isinstance(item, str):
+                if isinstance(item, Usage):
+                    usage = usage.merged(item)
+                else:
                     pieces.append(item)
                     out(item)
-            complete = True
+            ending = ""
+        except (KeyboardInterrupt, Terminated, BrokenPipeError, OutputError):
+            ending = "interrupted"
+            raise
         except ProviderError as exc:
             if pieces:
                 raise ProviderError(f"{exc}; the partial reply was kept") from None
-            raise
+            warning = cut_off_warning(usage.stop_reason, self.config.max_tokens)
+            raise ProviderError(f"{exc}\nsynapse: warning: {warning}" if warning else str(exc)) from None
         finally:
-            reply = "".join(pieces)
-            if reply:
-                self._keep(StoredMessage.new(self.session.id, Role.ASSISTANT, reply))
-            if complete:
+            if pieces:
+                reply = StoredMessage.new(
+                    self.session.id, Role.ASSISTANT, "".join(pieces), provider=self.provider.name,
+                    model=self.provider.model, input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens, stop_reason=ending or usage.stop_reason)
+                self._keep(reply)
+            if not ending:
                 out("\n")
-            elif reply:  # the line ends before the news of what ended the reply
+            elif pieces:  # the line ends before the news of what ended the reply
                 with contextlib.suppress(SynapseError, OSError):
                     out("\n")
         return reply
@@ -2059,6 +2213,13 @@ class Conversation:
             self.store.create_session(self.session, [message])
             self.stored = True
         self.history.append(message)
+
+
+def cut_off_warning(stop_reason: Optional[str], max_tokens: int) -> Optional[str]:
+    """What to say when the token limit cut a reply short (SPEC §11)."""
+    if stop_reason not in ("length", "max_tokens"):
+        return None
+    return f"the reply was cut off at max_tokens ({max_tokens}); raise max_tokens in the config"
 
 
 def open_conversation(plan: ChatPlan, config: Config) -> Conversation:
@@ -2220,11 +2381,16 @@ class CommandLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
-        # "-hello" reads as -h with "ello": a message that starts with "-"
-        # needs "--" before it, which the error line suggests.
-        stray = next((a for a in self.argv if a.startswith("-") and a not in ("-", "--")
-                      and a.split("=")[0] not in self._option_string_actions), None)
-        hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"' if stray else ""
+        hint = ""
+        if "--since" in message or "--until" in message:  # "-3d" is taken for an option
+            hint = f"; WHEN is {WHEN_FORMS}" if "WHEN_FORMS" not in message else ""
+        elif self.prog == "synapse":
+            # "-hello" reads as -h with "ello": a message that starts with "-"
+            # needs "--" before it, which the error line suggests.
+            stray = next((a for a in self.argv if a.startswith("-") and a not in ("-", "--")
+                          and a.split("=")[0] not in self._option_string_actions), None)
+            if stray:
+                hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"'
         note(f"synapse: error: {message}{hint}")
         raise SystemExit(EXIT_USAGE)
 
@@ -2287,6 +2453,7 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     listing = command("list", command_list, "list sessions, most recently updated first")
     listing.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N")
     listing.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_filter_options(listing, "sessions updated")
     show = command("show", command_show, "print a session and its messages")
     show.add_argument("id", metavar="ID", help=an_id)
     show.add_argument("--json", action="store_true", help="print a JSON object")
@@ -2311,6 +2478,9 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=_positive_int, metavar="N", default=SEARCH_DEFAULT_LIMIT,
                         help=f"show at most N (default {SEARCH_DEFAULT_LIMIT})")
     search.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_filter_options(search, "sessions updated")
+    search.add_argument("--role", choices=("user", "assistant"),
+                        help="only matches in the user's messages, or in the replies")
     cleanup = command("cleanup", command_cleanup,
                       "delete now the sessions that [session] retention_days and "
                       "max_sessions in the config doom (also when auto_cleanup is off)")
@@ -2319,15 +2489,75 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WHEN_FORMS = ("a date (2026-12-01: local midnight), an ISO 8601 time (2026-12-01T09:30, "
+              "local unless it ends in Z or an offset) or a span back from now (90m, 36h, 7d, 2w)")
+_SPAN = re.compile(r"([1-9][0-9]{0,8})([mhdw])")
+_SPAN_SECONDS = MappingProxyType({"m": 60, "h": 3600, "d": 86400, "w": 604800})
+
+
+def parse_when(text: str) -> datetime:
+    """A WHEN of SPEC §3 as a UTC datetime."""
+    text = text.strip()
+    span = _SPAN.fullmatch(text)
+    if span:
+        return utc_now() - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
+    try:
+        moment = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", text))
+        # No zone: the user's local time, as a date means local midnight.
+        return (moment if moment.tzinfo else moment.astimezone()).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a time; give {WHEN_FORMS}") from None
+
+
+def _add_filter_options(parser: argparse.ArgumentParser, on: str) -> None:
+    parser.add_argument("--since", type=parse_when, metavar="WHEN",
+                        help=f"only {on} from WHEN on: {WHEN_FORMS}")
+    parser.add_argument("--until", type=parse_when, metavar="WHEN",
+                        help=f"only {on} before WHEN")
+    parser.add_argument("--provider", metavar="NAME", help="only this provider's")
+    parser.add_argument("--model", metavar="NAME", help="only this model's")
+
+
+def build_usage_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(
+        prog="synapse usage", description="Sum the tokens, and with [prices.\"MODEL\"] in the "
+        "config the cost, of the stored replies.")
+    _add_config_option(parser)
+    _add_filter_options(parser, "replies")
+    parser.add_argument("--by", choices=tuple(USAGE_GROUPS), default="model",
+                        help="group by model (the default), provider, day, month or session")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
+    parser.set_defaults(handler=command_usage)
+    return parser
+
+
+def build_models_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="synapse models",
+                               description="List the models a provider offers; * marks the one "
+                                           "synapse uses for it.")
+    _add_config_option(parser)
+    parser.add_argument("-p", "--provider", metavar="NAME",
+                        help="the provider to ask (default: the configured one)")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
+    parser.set_defaults(handler=command_models)
+    return parser
+
+
+COMMAND_PARSERS: Mapping[str, Callable[[], argparse.ArgumentParser]] = MappingProxyType({
+    "sessions": build_sessions_parser, "usage": build_usage_parser, "models": build_models_parser})
+
+
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    """``synapse [-c PATH] sessions ...`` goes to its own parser; the rest is chat."""
+    """``synapse [-c PATH] sessions|usage|models ...`` goes to its own parser;
+    the rest (``synapse -- models`` too) is chat."""
     position = 0
     while position < len(argv) and (argv[position] in ("-c", "--config")
                                     or argv[position].startswith("--config=")):
         position += 1 if "=" in argv[position] else 2
-    if argv[position:position + 1] == ["sessions"]:
-        # A leading -c PATH moves behind the subcommand, which accepts it too.
-        return build_sessions_parser().parse_args([*argv[position + 1:], *argv[:position]])
+    command = argv[position] if position < len(argv) else None
+    if command in COMMAND_PARSERS:
+        # A leading -c PATH moves behind the command, which accepts it too.
+        return COMMAND_PARSERS[command]().parse_args([*argv[position + 1:], *argv[:position]])
     parser = build_chat_parser()
     args = parser.parse_args(argv)
     args.handler = command_repl if args.repl else command_chat
@@ -2449,9 +2679,14 @@ def _fitted_widths(natural: Mapping[str, int], columns: int) -> Dict[str, int]:
     return widths
 
 
+def session_filter(args: argparse.Namespace) -> SessionFilter:
+    return SessionFilter(args.since, args.until, args.provider, args.model,
+                         getattr(args, "role", None))
+
+
 def command_list(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
-        summaries = store.list_sessions(args.limit)
+        summaries = store.list_sessions(args.limit, session_filter(args))
     if args.json:
         emit(json_text([summary_json(s) for s in summaries]), exact=True)
     elif not summaries:
@@ -2475,6 +2710,12 @@ def command_show(args: argparse.Namespace, config: Config) -> int:
     lines += [f"Provider: {session.provider}", f"Model:    {session.model}",
               f"Created:  {local_time(session.created_at)}",
               f"Updated:  {local_time(session.updated_at)}"]
+    if session.forked_from:
+        lines.append(f"Forked from: {session.forked_from}")
+    counted = [m for m in messages if m.input_tokens is not None or m.output_tokens is not None]
+    if counted:
+        lines.append(f"Tokens:   {sum(m.input_tokens or 0 for m in counted)} in, "
+                     f"{sum(m.output_tokens or 0 for m in counted)} out")
     if session.system_prompt:
         lines.append(f"System:   {session.system_prompt}")
     lines.append("")
@@ -2518,7 +2759,10 @@ def export_markdown(session: Session, messages: Sequence[StoredMessage]) -> str:
     if session.system_prompt:
         lines += ["## System", "", session.system_prompt, ""]
     for message in messages:
-        lines += [f"## {message.role.value.capitalize()}", "", message.content, ""]
+        lines += [f"## {message.role.value.capitalize()}", ""]
+        if message.model and message.model != session.model:  # who answered, when not the usual
+            lines += [f"*{message.model}*", ""]
+        lines += [message.content, ""]
     return "\n".join(lines)
 
 
@@ -2560,7 +2804,7 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
     if not text:
         raise UsageError("the search text is empty")
     with open_store(config) as store:
-        hits = store.search_sessions(text, args.limit)
+        hits = store.search_sessions(text, args.limit, session_filter(args))
     if args.json:
         emit(json_text([{**summary_json(h.session), "snippet": h.snippet} for h in hits]), exact=True)
         return EXIT_OK
@@ -2590,6 +2834,91 @@ def command_cleanup(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     emit("".join([f"Would delete {counts}; nothing was deleted (dry run)\n",
                   *(f"  {session_id}\n" for session_id in doomed)]))
+    return EXIT_OK
+
+
+# -- usage and models ------------------------------------------------------------
+
+
+class UsageGroup(namedtuple("UsageGroup", "key name replies uncounted input_tokens output_tokens"
+                                          " cost cost_complete")):
+    """One row of ``synapse usage``: the group's ``key`` (and ``name``, by
+    session), its reply and token counts, and its ``cost`` (float, the sum
+    of what its priced models cost, None when none is priced) with
+    ``cost_complete`` False when some of its models have no price."""
+
+    __slots__ = ()
+
+
+def usage_groups(rows: Iterable[tuple], prices: Mapping[str, Price], by: str) -> List[UsageGroup]:
+    """The store's rows (per group and model) summed per group, priced, in
+    SPEC §11's order: by cost, then output tokens, those of unknown cost last;
+    days and months newest first."""
+    sums: Dict[object, List[Any]] = {}
+    for key, model, replies, uncounted, tokens_in, tokens_out, name in rows:
+        group = sums.setdefault(key, [name, 0, 0, 0, 0, None, True])
+        group[1:5] = [group[1] + replies, group[2] + uncounted,
+                      group[3] + tokens_in, group[4] + tokens_out]
+        price = prices.get(model) if model is not None else None
+        if price is None:
+            group[6] = False
+        else:
+            group[5] = (group[5] or 0.0) + tokens_in * price.input / 1e6 + tokens_out * price.output / 1e6
+    groups = [UsageGroup(key, *values) for key, values in sums.items()]
+    if by in ("day", "month"):
+        return sorted(groups, key=lambda g: g.key or "", reverse=True)
+    return sorted(groups, key=lambda g: (g.cost is not None, g.cost or 0.0, g.output_tokens),
+                  reverse=True)
+
+
+def format_cost(cost: Optional[float], complete: bool) -> str:
+    return "-" if cost is None else f"{cost:.4f}" + ("" if complete else "+")
+
+
+def command_usage(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        rows = store.usage(args.by, SessionFilter(args.since, args.until, args.provider, args.model))
+    groups = usage_groups(rows, config.prices, args.by)
+    if args.json:
+        emit(json_text([{"group": g.key, "replies": g.replies, "uncounted": g.uncounted,
+                         "input_tokens": g.input_tokens, "output_tokens": g.output_tokens,
+                         "cost": g.cost} for g in groups]), exact=True)
+        return EXIT_OK
+    if not groups:
+        emit("No replies found.\n")
+        return EXIT_OK
+    by_session = args.by == "session"
+    head = ["SESSION", "NAME"] if by_session else [args.by.upper()]
+    uncounted = any(g.uncounted for g in groups)
+    numbers = ["REPLIES", *(["UNCOUNTED"] if uncounted else []), "INPUT", "OUTPUT", "COST"]
+
+    def cells(g: UsageGroup) -> List[str]:
+        label = [str(g.key), cut(shorten(g.name or "", 200), 30)] if by_session \
+            else [str(g.key) if g.key is not None else "(unknown)"]
+        return [*label, str(g.replies), *([str(g.uncounted)] if uncounted else []),
+                str(g.input_tokens), str(g.output_tokens), format_cost(g.cost, g.cost_complete)]
+
+    known = [g.cost for g in groups if g.cost is not None]
+    total = UsageGroup("TOTAL", "", *(sum(getattr(g, f) for g in groups) for f in
+                                      ("replies", "uncounted", "input_tokens", "output_tokens")),
+                       sum(known) if known else None, all(g.cost_complete for g in groups))
+    table = [head + numbers, *(cells(g) for g in groups), cells(total)]
+    widths = [max(cell_width(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < len(head) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
+    emit("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def command_models(args: argparse.Namespace, config: Config) -> int:
+    provider = resolve_provider(config, args.provider, None)
+    models = sorted(list_models(provider, config.timeout))
+    if args.json:
+        emit(json_text([{"id": m, "default": m == provider.model} for m in models]), exact=True)
+    elif not models:
+        emit(f"No models listed by {provider.name}.\n")
+    else:
+        emit("".join(f"{m}{' *' if m == provider.model else ''}\n" for m in models))
     return EXIT_OK
 
 
@@ -2632,10 +2961,16 @@ def command_chat(args: argparse.Namespace, config: Config) -> int:
     plan = chat_plan(args)
     message = read_message(" ".join(args.message) if args.message else None, sys.stdin)
     with signals_end_the_turn(), open_conversation(plan, config) as conversation:
-        conversation.send(message, emit)
+        _warn_if_cut_off(conversation.send(message, emit), config)
     if plan.session is None and sys.stderr is not None and sys.stderr.isatty():
         note(f"session: {conversation.session.id}")
     return EXIT_OK
+
+
+def _warn_if_cut_off(reply: Optional[StoredMessage], config: Config) -> None:
+    warning = cut_off_warning(reply.stop_reason if reply else None, config.max_tokens)
+    if warning:
+        warn(warning)
 
 
 # -- interactive mode --------------------------------------------------------------
@@ -2747,7 +3082,7 @@ def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
             _repl_command(text, conversation, plan)
             continue
         try:
-            conversation.send(text, emit)
+            _warn_if_cut_off(conversation.send(text, emit), config)
         except KeyboardInterrupt:
             note("(reply stopped; what arrived was kept)")
         except ProviderError as exc:  # the next turn may go through
