@@ -348,6 +348,17 @@ class SessionFilter(namedtuple("SessionFilter", "since until provider model role
     __slots__ = ()
 
 
+def exchanges_start(roles: Sequence[Role], count: int) -> int:
+    """Where the last ``count`` exchanges begin among a session's messages
+    (given by their roles, in order).  An exchange is a user message and every
+    message after it up to the next user message (SPEC §10); what comes
+    before the first user message belongs to none and is never counted."""
+    starts = [i for i, role in enumerate(roles) if role == Role.USER]
+    if count <= 0 or not starts:
+        return len(roles)
+    return starts[-min(count, len(starts))]
+
+
 PREVIEW_LENGTH = 50
 
 
@@ -419,6 +430,7 @@ _CONFIG_DEFAULTS: Mapping[str, object] = MappingProxyType({
     "providers": MappingProxyType({}),  # [providers.NAME] tables, as read
     "session": SessionConfig(),
     "prices": MappingProxyType({}),  # model: Price, from the [prices."MODEL"] tables
+    "roles": MappingProxyType({}),  # name: RoleSettings, from the [roles.NAME] tables
 })
 
 
@@ -461,6 +473,7 @@ TOP_LEVEL_KEYS: Mapping[str, tuple] = MappingProxyType({
     "providers": (dict,),
     "session": (dict,),
     "prices": (dict,),
+    "roles": (dict,),
 })
 PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "kind": (str,),
@@ -471,6 +484,13 @@ PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "stream_usage": (bool,),
 })
 PRICE_KEYS: Mapping[str, tuple] = MappingProxyType({"input": _NUMBER, "output": _NUMBER})
+ROLE_KEYS: Mapping[str, tuple] = MappingProxyType({
+    "system_prompt": (str,),
+    "system_prompt_file": (str,),
+    "provider": (str,),
+    "model": (str,),
+    "temperature": _NUMBER,
+})
 SESSION_KEYS: Mapping[str, tuple] = MappingProxyType({
     "database_url": (str,),
     "max_sessions": (int,),
@@ -534,6 +554,7 @@ def load_config(explicit: Optional[str] = None,
                                              "session.", path))
     providers = _provider_tables(top.pop("providers", {}), path)
     prices = _price_tables(top.pop("prices", {}), path)
+    roles = _role_tables(top.pop("roles", {}), path)
     prompt_file = top.pop("system_prompt_file", None)
     if prompt_file is not None and "system_prompt" not in top:
         top["system_prompt"] = _read_prompt_file(path, str(prompt_file), "system_prompt_file")
@@ -544,7 +565,7 @@ def load_config(explicit: Optional[str] = None,
 
     numbers = {k: float(top[k]) for k in ("temperature", "timeout") if k in top}
     return Config(path=path, **{**top, **numbers}, providers=providers,  # type: ignore[arg-type]
-                  session=session, prices=prices)
+                  session=session, prices=prices, roles=roles)
 
 
 def _read_toml(path: str, named: bool) -> Optional[Dict[str, Any]]:
@@ -602,6 +623,32 @@ def _price_tables(tables: Mapping[str, object], path: str) -> Dict[str, Price]:
             raise ConfigError(f"{path}: '{where}' needs {' and '.join(missing)} (per million tokens)")
         prices[model] = Price(float(entry["input"]), float(entry["output"]))  # type: ignore[arg-type]
     return prices
+
+
+class RoleSettings(namedtuple("RoleSettings", "system_prompt system_prompt_file provider model"
+                                              " temperature config_path")):
+    """A ``[roles.NAME]`` table (``--role NAME``): each field str, a float
+    ``temperature``, or None; the prompt file is read when the role is used."""
+
+    __slots__ = ()
+
+    def prompt(self) -> Optional[str]:
+        """The role's system prompt: ``system_prompt``, else its file's text."""
+        if self.system_prompt is not None or self.system_prompt_file is None:
+            return self.system_prompt
+        return _read_prompt_file(self.config_path, self.system_prompt_file, "system_prompt_file")
+
+
+def _role_tables(tables: Mapping[str, object], path: str) -> Dict[str, RoleSettings]:
+    roles: Dict[str, RoleSettings] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: 'roles.{name}' must be a table")
+        entry = _checked_table(table, ROLE_KEYS, f"roles.{name}.", path)
+        if "temperature" in entry:
+            entry["temperature"] = float(entry["temperature"])  # type: ignore[arg-type]
+        roles[name] = RoleSettings(**{k: entry.get(k) for k in ROLE_KEYS}, config_path=path)
+    return roles
 
 
 def _read_prompt_file(config_path: str, name: str, key: str) -> str:
@@ -1323,6 +1370,37 @@ class SqliteStore:
     def switch_model(self, session_id: uuid.UUID, provider: str, model: str) -> None:
         with self._write() as conn:
             _touch(conn, _key(session_id), provider=provider, model=model)
+
+    def undo(self, session_id: uuid.UUID, count: int) -> List[StoredMessage]:
+        """Remove the session's last ``count`` exchanges and return them; the
+        choice is made under the write lock, so two undos never remove one
+        exchange twice."""
+        key = _key(session_id)
+        with self._write() as conn:
+            messages = [_message_from_row(r) for r in conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY rowid", (key,))]
+            removed = messages[exchanges_start([m.role for m in messages], count):]
+            conn.executemany("DELETE FROM messages WHERE id = ?", [(_key(m.id),) for m in removed])
+            _touch(conn, key)
+        return removed
+
+    def replace_reply(self, asked: StoredMessage, reply: StoredMessage) -> None:
+        """Make ``reply`` the one answer to the user message ``asked`` (a
+        retry): what followed it goes, in the same transaction that stores the
+        reply.  Refused when the session went on past ``asked`` meanwhile."""
+        key = _key(asked.session_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT rowid FROM messages WHERE id = ? AND session_id = ?",
+                               (_key(asked.id), key)).fetchone()
+            later = row and conn.execute(
+                "SELECT 1 FROM messages WHERE session_id = ? AND rowid > ? AND role = 'user'",
+                (key, row[0])).fetchone()
+            if row is None or later:
+                raise StorageError("the session changed while the retry ran (its last message "
+                                   "went or another came); the new reply was not stored")
+            conn.execute("DELETE FROM messages WHERE session_id = ? AND rowid > ?", (key, row[0]))
+            _touch(conn, key)
+            _insert_messages(conn, [reply])
 
     def search_sessions(self, text: str, limit: Optional[int] = None,
                         where: SessionFilter = SessionFilter()) -> List[SearchHit]:
@@ -2083,13 +2161,15 @@ def echo_reply(request: ChatRequest) -> Iterator[Reply]:
 LATEST_SESSION = object()  # ChatPlan.session for -C: the most recently updated one
 
 
-class ChatPlan(namedtuple("ChatPlan", "session provider model system_prompt name stream")):
+class ChatPlan(namedtuple("ChatPlan", "session provider model system_prompt name temperature"
+                                       " stream save")):
     """What the command line asks of a chat, read once from its flags.
 
     ``session`` is an ID as the user typed it, LATEST_SESSION, or None for a
     new session; ``provider`` and ``model`` are names or None (the defaults);
     ``system_prompt`` and ``name`` (str or None) shape a new session;
-    ``stream`` is a bool.
+    ``temperature`` (a role's) replaces the config's when not None;
+    ``stream`` and ``save`` (False: --no-save, nothing is written) are bools.
     """
 
     __slots__ = ()
@@ -2132,40 +2212,56 @@ def load_session(store: SqliteStore, text: object) -> Session:
     return session
 
 
-def open_store(config: Config) -> SqliteStore:
-    """The store SPEC §4 places: ``SYNAPSE_DATABASE_URL``, else the config's."""
-    return SqliteStore(database_path(None, os.environ, config.session.database_url))
+def open_store(config: Config, create: bool = True) -> SqliteStore:
+    """The store SPEC §4 places: ``SYNAPSE_DATABASE_URL``, else the config's.
+    Unless ``create``, a database that is not there yet is not made."""
+    path = database_path(None, os.environ, config.session.database_url)
+    if not create and not os.path.exists(path):
+        raise SessionNotFound(None, f"there is no session to continue: {path} does not exist yet")
+    return SqliteStore(path)
 
 
 class Conversation:
     """A session as the chat flow holds it: its record, its messages so far,
-    the provider in force and the request options.
+    the provider in force and the plan's request options.
 
     A new session is stored together with its first message, in one
-    transaction: until then ``stored`` is False.
+    transaction: until then ``stored`` is False.  Under a plan that does not
+    ``save`` (--no-save) everything happens in memory only; ``store`` is then
+    None, or the store the history was read from.
     """
 
-    def __init__(self, store: SqliteStore, session: Session, history: List[StoredMessage],
-                 provider: Provider, config: Config, stream: bool, stored: bool):
+    def __init__(self, store: Optional[SqliteStore], session: Session, history: List[StoredMessage],
+                 provider: Provider, config: Config, plan: ChatPlan, stored: bool):
         self.store, self.session, self.history = store, session, history
-        self.provider, self.config, self.stream, self.stored = provider, config, stream, stored
+        self.provider, self.config, self.plan, self.stored = provider, config, plan, stored
 
     def __enter__(self) -> "Conversation":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
-    def start_new(self, system_prompt: Optional[str], name: Optional[str]) -> None:
-        """Go on in a new session (stored with its first message)."""
-        self.session = Session.new(self.provider.name, self.provider.model, system_prompt, name)
+    @property
+    def saving(self) -> bool:
+        return self.plan.save and self.store is not None
+
+    def start_new(self) -> None:
+        """Go on in a new session, shaped as the plan says (stored with its first message)."""
+        plan = self.plan
+        self.session = Session.new(self.provider.name, self.provider.model,
+                                   plan.system_prompt or self.config.system_prompt, plan.name)
         self.history, self.stored = [], False
 
-    def request(self) -> ChatRequest:
-        config = self.config
+    def request(self, upto: int) -> ChatRequest:
+        """What the first ``upto`` messages of the history send."""
+        config, plan = self.config, self.plan
+        temperature = config.temperature if plan.temperature is None else plan.temperature
         return ChatRequest(self.session.system_prompt,
-                           [(m.role.value, m.content) for m in self.history if m.role != Role.SYSTEM],
-                           config.max_tokens, config.temperature, config.timeout, self.stream)
+                           [(m.role.value, m.content) for m in self.history[:upto]
+                            if m.role != Role.SYSTEM],
+                           config.max_tokens, temperature, config.timeout, plan.stream)
 
     def send(self, text: str, out: Callable[[str], None]) -> Optional[StoredMessage]:
         """SPEC §6 steps 6 to 9: store ``text``, give each piece of the reply
@@ -2173,11 +2269,30 @@ class Conversation:
         whatever ends the stream -- with who wrote it, its tokens and why it
         ended (SPEC §11).  Returns the stored reply."""
         self._keep(StoredMessage.new(self.session.id, Role.USER, text))  # before the network
+        return self._answer(len(self.history) - 1, out, retry=False)
+
+    def last_question(self) -> Optional[int]:
+        """Where the last user message is in the history (None: there is none)."""
+        return next((i for i in range(len(self.history) - 1, -1, -1)
+                     if self.history[i].role == Role.USER), None)
+
+    def retry(self, out: Callable[[str], None]) -> Optional[StoredMessage]:
+        """Ask again for the last user message (SPEC §10).  A complete new
+        reply replaces what followed it, in one transaction; when it had no
+        reply, the new one is kept as any reply is, partial included."""
+        asked = self.last_question()
+        if asked is None:
+            raise SynapseError("nothing to retry: the session has no message of yours")
+        return self._answer(asked, out, retry=True)
+
+    def _answer(self, asked: int, out: Callable[[str], None], retry: bool) -> Optional[StoredMessage]:
+        """Stream the reply to the history up to its message ``asked`` and keep it."""
+        answered = asked < len(self.history) - 1  # a retry would replace a reply
         pieces: List[str] = []
         usage, ending = Usage(), "error"
         reply: Optional[StoredMessage] = None
         try:
-            for item in stream_chat(self.provider, self.request()):
+            for item in stream_chat(self.provider, self.request(asked + 1)):
                 if isinstance(item, Usage):
                     usage = usage.merged(item)
                 else:
@@ -2189,16 +2304,22 @@ class Conversation:
             raise
         except ProviderError as exc:
             if pieces:
-                raise ProviderError(f"{exc}; the partial reply was kept") from None
+                kept = "the old reply was kept" if answered else "the partial reply was kept"
+                raise ProviderError(f"{exc}; {kept}") from None
             warning = cut_off_warning(usage.stop_reason, self.config.max_tokens)
             raise ProviderError(f"{exc}\nsynapse: warning: {warning}" if warning else str(exc)) from None
         finally:
-            if pieces:
+            if pieces and not (ending and answered):  # a retry keeps the old reply over a partial one
                 reply = StoredMessage.new(
                     self.session.id, Role.ASSISTANT, "".join(pieces), provider=self.provider.name,
                     model=self.provider.model, input_tokens=usage.input_tokens,
                     output_tokens=usage.output_tokens, stop_reason=ending or usage.stop_reason)
-                self._keep(reply)
+                if retry:
+                    if self.saving:
+                        self.store.replace_reply(self.history[asked], reply)
+                    self.history[asked + 1:] = [reply]
+                else:
+                    self._keep(reply)
             if not ending:
                 out("\n")
             elif pieces:  # the line ends before the news of what ended the reply
@@ -2207,12 +2328,54 @@ class Conversation:
         return reply
 
     def _keep(self, message: StoredMessage) -> None:
-        if self.stored:
-            self.store.add_message(message)
-        else:
-            self.store.create_session(self.session, [message])
-            self.stored = True
+        if self.saving:
+            if self.stored:
+                self.store.add_message(message)
+            else:
+                self.store.create_session(self.session, [message])
+        self.stored = True
         self.history.append(message)
+
+    def undo(self, count: int) -> List[StoredMessage]:
+        """Remove the last ``count`` exchanges; returns what went."""
+        if not self.stored:
+            return []
+        if not self.saving:
+            cut = exchanges_start([m.role for m in self.history], count)
+            removed, self.history = self.history[cut:], self.history[:cut]
+            return removed
+        removed = self.store.undo(self.session.id, count)
+        self.history = self.store.get_messages(self.session.id)
+        return removed
+
+    def fork(self) -> None:
+        """Go on in a fork of the session (SPEC §10)."""
+        if not self.stored:
+            raise SynapseError("nothing to fork yet: the session starts with your first message")
+        self.session, self.history = forked(self.session, self.history, 0, None)
+        if self.saving:
+            self.store.create_session(self.session, self.history)
+
+    def rename(self, name: Optional[str]) -> None:
+        if self.stored and self.saving:
+            self.store.rename_session(self.session.id, name)
+        self.session = self.session._replace(name=name)
+
+
+def forked(session: Session, messages: Sequence[StoredMessage], undo: int,
+           name: Optional[str]) -> Tuple[Session, List[StoredMessage]]:
+    """A fork of ``session`` (not stored): its provider, model and system
+    prompt, ``forked_from`` its ID, copies of its messages but the last
+    ``undo`` exchanges (new IDs; roles, text, times and SPEC §11 fields kept);
+    named ``name``, else after the source (SPEC §10)."""
+    kept = messages[:exchanges_start([m.role for m in messages], undo)]
+    if name is None:
+        first = next((m.content for m in messages if m.role == Role.USER), None)
+        title = session.name or (shorten(first, PREVIEW_LENGTH) if first else None)
+        name = f"{title} (fork)" if title else f"fork of {str(session.id)[:8]}"
+    fork = Session.new(session.provider, session.model, session.system_prompt, name)
+    fork = fork._replace(forked_from=session.id)
+    return fork, [m._replace(id=new_message_id(), session_id=fork.id) for m in kept]
 
 
 def cut_off_warning(stop_reason: Optional[str], max_tokens: int) -> Optional[str]:
@@ -2224,30 +2387,35 @@ def cut_off_warning(stop_reason: Optional[str], max_tokens: int) -> Optional[str
 
 def open_conversation(plan: ChatPlan, config: Config) -> Conversation:
     """SPEC §6 steps 1 and 3 to 5: the provider, the store, the automatic
-    cleanup, and the session to talk in, continued or new."""
+    cleanup, and the session to talk in, continued or new.  A plan that does
+    not save opens no store for a new session, and reads a continued one
+    without writing (no cleanup, no model switch stored)."""
     if plan.session is None:
         # Resolved before the store opens: a missing key leaves no trace.
         provider = resolve_provider(config, plan.provider, plan.model)
-        store = open_store(config)
-        with _closed_on_error(store):
-            if config.session.auto_cleanup:
-                store.cleanup(config.session)
-        session = Session.new(provider.name, provider.model,
-                              plan.system_prompt or config.system_prompt, plan.name)
-        return Conversation(store, session, [], provider, config, plan.stream, stored=False)
-    store = open_store(config)
+        store = open_store(config) if plan.save else None
+        if store is not None:
+            with _closed_on_error(store):
+                if config.session.auto_cleanup:
+                    store.cleanup(config.session)
+        conversation = Conversation(store, Session.new(provider.name, provider.model), [],
+                                    provider, config, plan, stored=False)
+        conversation.start_new()
+        return conversation
+    store = open_store(config, create=plan.save)
     with _closed_on_error(store):
         session = load_session(store, plan.session)
         # -p without -m: that provider's own model, not the session's.
         provider = resolve_provider(config, plan.provider or session.provider,
                                     plan.model or (None if plan.provider else session.model))
-        if config.session.auto_cleanup:
+        if plan.save and config.session.auto_cleanup:
             store.cleanup(config.session, protect=session.id)
         if (provider.name, provider.model) != (session.provider, session.model):
-            store.switch_model(session.id, provider.name, provider.model)
+            if plan.save:
+                store.switch_model(session.id, provider.name, provider.model)
             session = session._replace(provider=provider.name, model=provider.model)
         return Conversation(store, session, store.get_messages(session.id), provider, config,
-                            plan.stream, stored=True)
+                            plan, stored=True)
 
 
 @contextlib.contextmanager
@@ -2264,16 +2432,46 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def read_message(argument: Optional[str], stdin: Optional[TextIO]) -> str:
-    """MESSAGE, piped stdin, or both: the piped text, a blank line, MESSAGE."""
-    parts = []
-    if stdin is not None and not stdin.isatty():
-        piped = stdin.buffer.read().decode("utf-8", "replace").rstrip()
-        if piped:
-            parts.append(piped)
-    if argument is not None:
-        parts.append(clean_text(argument))
-    message = "\n\n".join(parts)
+def piped_text(stdin: Optional[TextIO]) -> str:
+    """What is piped in (read as UTF-8, undecodable bytes as U+FFFD); ""
+    when stdin is a terminal or absent."""
+    if stdin is None or stdin.isatty():
+        return ""
+    return stdin.buffer.read().decode("utf-8", "replace").rstrip()
+
+
+def file_block(path: str) -> str:
+    """A file for a message (SPEC §10): its path as given, then its text in a
+    fence longer than any run of backticks that starts one of its lines."""
+    try:
+        with open(os.path.expanduser(path), "rb") as attached:
+            data = attached.read()
+    except OSError as exc:
+        reason = "is a directory" if isinstance(exc, IsADirectoryError) else f"cannot be read ({exc.strerror})"
+        raise UsageError(f"{path} {reason}; -f attaches a text file") from None
+    try:
+        if b"\0" in data:
+            raise ValueError
+        text = data.decode("utf-8")
+    except ValueError:
+        raise UsageError(f"{path} looks binary (a NUL byte or invalid UTF-8); -f attaches "
+                         f"text files only") from None
+    runs = [len(run) for run in re.findall(r"^`+", text, re.MULTILINE)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    body = text if not text or text.endswith("\n") else text + "\n"
+    return f"{path}\n{fence}\n{body}{fence}"
+
+
+def compose_message(argument: Optional[str], piped: str, files: Sequence[str] = ()) -> str:
+    """SPEC §2 and §10: each file, the piped text, then MESSAGE, a blank line
+    between them, trailing whitespace stripped (possibly empty)."""
+    parts = [file_block(path) for path in files]
+    parts += [piped] if piped else []
+    parts += [clean_text(argument)] if argument is not None else []
+    return "\n\n".join(parts).rstrip()
+
+
+def require_text(message: str) -> str:
     if not message.strip():
         raise UsageError("the message is empty; give one as an argument or pipe text in")
     return message
@@ -2298,12 +2496,19 @@ session commands:
   synapse sessions export ID [--format markdown|json] [-o FILE]
   synapse sessions search TEXT [--limit N] [--json]
   synapse sessions cleanup [--dry-run]
+  synapse sessions undo ID [--count N]
+  synapse sessions fork ID [--undo N] [--name NAME]
+  synapse usage [--since WHEN] [--until WHEN] [--by model|provider|day|month|session]
+  synapse models [-p NAME] [--json]
 
 examples:
   synapse -p echo "Hello"                 try it with no account
   synapse "Explain SQLite WAL mode"       ask the default provider (deepseek)
   cat app.py | synapse "review this"      piped text, a blank line, then MESSAGE
   synapse -C "and in Rust?"               continue the latest session
+  synapse -C --retry                      ask again for your last message
+  synapse -f app.py "what does it do?"    a file, fenced, then the message
+  synapse -n "a question to forget"       store nothing
   synapse -r                              interactive mode
 
 environment:
@@ -2401,14 +2606,22 @@ def _add_config_option(parser: argparse.ArgumentParser, default: object = None) 
                              "$XDG_CONFIG_HOME/synapse/config.toml)")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if not 1 <= value <= 2 ** 63 - 1:  # what SQLite can count to
-        raise argparse.ArgumentTypeError(f"must be from 1 to {2 ** 63 - 1}")
+    if not least <= value <= 2 ** 63 - 1:  # what SQLite can count to
+        raise argparse.ArgumentTypeError(f"must be from {least} to {2 ** 63 - 1}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _count_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def build_chat_parser() -> argparse.ArgumentParser:
@@ -2428,6 +2641,17 @@ def build_chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("-m", "--model", metavar="NAME", help="model for this turn")
     parser.add_argument("--system", metavar="TEXT", help="system prompt for a new session")
     parser.add_argument("--name", metavar="TEXT", help="name for a new session")
+    parser.add_argument("--role", metavar="NAME",
+                        help="a new session shaped by [roles.NAME] in the config: its system "
+                             "prompt, and provider, model and temperature when it sets them")
+    parser.add_argument("-f", "--file", dest="files", action="append", default=[], metavar="PATH",
+                        help="put a text file into the message, fenced (repeatable)")
+    parser.add_argument("-e", "--edit", action="store_true",
+                        help="write the message in $VISUAL or $EDITOR first")
+    parser.add_argument("--retry", action="store_true",
+                        help="with -s or -C: ask again for the session's last message of yours")
+    parser.add_argument("-n", "--no-save", action="store_true",
+                        help="store nothing: no session, no message, no cleanup")
     parser.add_argument("-r", "--repl", action="store_true", help="interactive mode")
     parser.add_argument("--no-stream", action="store_true",
                         help="ask the provider for one non-streaming response")
@@ -2486,6 +2710,17 @@ def build_sessions_parser() -> argparse.ArgumentParser:
                       "max_sessions in the config doom (also when auto_cleanup is off)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="delete nothing; list what would go")
+    undo = command("undo", command_undo, "remove a session's last exchanges (a message of "
+                   "yours and what followed it)")
+    undo.add_argument("id", metavar="ID", help=an_id)
+    undo.add_argument("--count", type=_positive_int, default=1, metavar="N",
+                      help="how many exchanges (default 1)")
+    fork = command("fork", command_fork, "copy a session into a new one and print the new ID")
+    fork.add_argument("id", metavar="ID", help=an_id)
+    fork.add_argument("--undo", type=_count_int, default=0, metavar="N",
+                      help="leave out the last N exchanges (default 0)")
+    fork.add_argument("--name", metavar="NAME",
+                      help="its name (default: the source's name or preview, then (fork))")
     return parser
 
 
@@ -2821,6 +3056,32 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def removed_summary(session_id: uuid.UUID, removed: Sequence[StoredMessage]) -> str:
+    """What ``sessions undo`` (and /undo) say: how many went, then each."""
+    plural = "message" if len(removed) == 1 else "messages"
+    lines = [f"Removed {len(removed)} {plural} from session {session_id}"]
+    lines += [f"[{m.role.value.upper()}] {shorten(m.content, PREVIEW_LENGTH)}" for m in removed]
+    return "\n".join(lines) + "\n"
+
+
+def command_undo(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        session = load_session(store, args.id)
+        removed = store.undo(session.id, args.count)
+    emit(removed_summary(session.id, removed))
+    return EXIT_OK
+
+
+def command_fork(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        source = load_session(store, args.id)
+        fork, messages = forked(source, store.get_messages(source.id), args.undo,
+                                clean_text(args.name) if args.name is not None else None)
+        store.create_session(fork, messages)
+    emit(f"{fork.id}\n")  # alone, for $(synapse sessions fork ...)
+    return EXIT_OK
+
+
 def command_cleanup(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         if args.dry_run:
@@ -2925,14 +3186,29 @@ def command_models(args: argparse.Namespace, config: Config) -> int:
 # -- chat ----------------------------------------------------------------------
 
 
-def chat_plan(args: argparse.Namespace) -> ChatPlan:
-    """The chat flags, read once."""
+def chat_plan(args: argparse.Namespace, config: Config) -> ChatPlan:
+    """The chat flags, read once; a ``--role`` fills in what they leave open."""
     session = args.session or (LATEST_SESSION if args.continue_latest else None)
     if session is not None and (args.system or args.name):
         warn("--system and --name apply to new sessions; ignored when continuing")
-    return ChatPlan(session, args.provider, args.model,
-                    clean_text(args.system) if args.system else None,
-                    clean_text(args.name) if args.name else None, not args.no_stream)
+    if args.retry and session is None:
+        raise UsageError("--retry asks again in a stored session: give -s ID or -C")
+    provider, model, temperature = args.provider, args.model, None
+    system = clean_text(args.system) if args.system else None
+    if args.role is not None:
+        if session is not None:
+            raise UsageError("--role shapes a new session; it cannot go with -s or -C")
+        role = config.roles.get(args.role)
+        if role is None:
+            known = ", ".join(sorted(config.roles)) or f"none ([roles.NAME] in {config.path or 'the config'})"
+            raise UsageError(f"unknown role '{args.role}'; the configured roles are: {known}")
+        system = system or role.prompt()
+        # -p without -m: that provider's own model, not the role's.
+        provider, model = provider or role.provider, model or (None if provider else role.model)
+        temperature = role.temperature
+    return ChatPlan(session, provider, model, system,
+                    clean_text(args.name) if args.name else None, temperature,
+                    not args.no_stream, not args.no_save)
 
 
 @contextlib.contextmanager
@@ -2954,17 +3230,79 @@ def signals_end_the_turn() -> Iterator[None]:
 
 
 def command_chat(args: argparse.Namespace, config: Config) -> int:
-    """One turn: ``synapse [OPTIONS] MESSAGE``."""
-    if not args.message and (sys.stdin is None or sys.stdin.isatty()):
+    """One turn: ``synapse [OPTIONS] MESSAGE``, or ``--retry``."""
+    stdin = sys.stdin
+    if not (args.message or args.files or args.edit or args.retry) \
+            and (stdin is None or stdin.isatty()):
         emit(args.parser.format_help())
         return EXIT_OK
-    plan = chat_plan(args)
-    message = read_message(" ".join(args.message) if args.message else None, sys.stdin)
+    plan = chat_plan(args, config)
+    argument = " ".join(args.message) if args.message else None
+    if args.retry:
+        if argument is not None or args.files or args.edit or piped_text(stdin):
+            raise UsageError("--retry sends the session's last message again: give no MESSAGE, "
+                             "piped text, -f or -e with it")
+        message = None
+    else:
+        message = compose_message(argument, piped_text(stdin), args.files)
+        message = require_text(edit_message(message) if args.edit else message)
     with signals_end_the_turn(), open_conversation(plan, config) as conversation:
-        _warn_if_cut_off(conversation.send(message, emit), config)
-    if plan.session is None and sys.stderr is not None and sys.stderr.isatty():
+        if message is None:
+            _retry(conversation, config)
+        else:
+            _warn_if_cut_off(conversation.send(message, emit), config)
+    if plan.session is None and plan.save and sys.stderr is not None and sys.stderr.isatty():
         note(f"session: {conversation.session.id}")
     return EXIT_OK
+
+
+def _retry(conversation: Conversation, config: Config) -> None:
+    asked = conversation.last_question()
+    answered = asked is not None and asked < len(conversation.history) - 1
+    try:
+        _warn_if_cut_off(conversation.retry(emit), config)
+    except (KeyboardInterrupt, Terminated):
+        if answered:
+            note("synapse: the retry was stopped; the old reply was kept")
+        raise
+
+
+def edit_message(text: str) -> str:
+    """``text`` as the user leaves it in their editor (SPEC §10): $VISUAL,
+    else $EDITOR, else vi, on a private temporary .md file, on the terminal
+    even when stdin or stdout is piped.  The file goes whatever happens."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    command = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        editor = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(f"cannot read the editor command {command!r}: {exc}") from None
+    with contextlib.ExitStack() as cleanup:
+        streams = {}
+        for name, stream, mode in (("stdin", sys.stdin, "r"), ("stdout", sys.stdout, "w")):
+            if stream is None or not stream.isatty():
+                try:
+                    streams[name] = cleanup.enter_context(open("/dev/tty", mode))
+                except OSError:
+                    raise UsageError("--edit needs a terminal for the editor, and there is "
+                                     "none") from None
+        fd, path = tempfile.mkstemp(prefix="synapse-", suffix=".md")  # mode 0600
+        cleanup.callback(os.unlink, path)
+        with open(fd, "w", encoding="utf-8") as draft:
+            draft.write(text)
+        try:
+            finished = subprocess.run([*editor, path], **streams)  # type: ignore[call-overload]
+        except OSError as exc:
+            raise ConfigError(f"cannot run the editor {editor[0]!r} ({exc.strerror}); set VISUAL or "
+                              f"EDITOR to one that is installed") from None
+        if finished.returncode != 0:
+            raise SynapseError(f"the editor exited with status {finished.returncode}; "
+                               f"nothing was sent")
+        with open(path, encoding="utf-8", errors="replace") as edited:
+            return edited.read().rstrip()
 
 
 def _warn_if_cut_off(reply: Optional[StoredMessage], config: Config) -> None:
@@ -2979,10 +3317,15 @@ def _warn_if_cut_off(reply: Optional[StoredMessage], config: Config) -> None:
 REPL_HELP = """\
 Type a message and press Enter.  A line that is just \"\"\" starts a message of
 several lines, which another such line ends.  Commands:
-  /help      this help
-  /new       start a new session
-  /session   print the current session ID
-  /exit      leave (also /quit or Ctrl-D)
+  /help       this help
+  /retry      ask again for your last message
+  /undo [N]   remove the last N exchanges (default 1)
+  /fork       go on in a copy of this session
+  /edit       write the next message in your editor
+  /name TEXT  name the session
+  /new        start a new session
+  /session    print the current session ID
+  /exit       leave (also /quit or Ctrl-D)
 Ctrl-C stops a reply (what arrived is kept); Ctrl-C at the prompt leaves.
 """
 BLOCK_FENCE = '"""'  # a line of just this opens and closes a multi-line message
@@ -3045,28 +3388,30 @@ def command_repl(args: argparse.Namespace, config: Config) -> int:
     """Interactive mode: ``synapse -r``, a turn per line, in one session."""
     if sys.stdin is None:
         raise UsageError("interactive mode needs standard input")
-    if args.message:
-        raise UsageError("interactive mode takes no MESSAGE; type it at the prompt")
-    plan = chat_plan(args)
+    if args.message or args.files or args.edit or args.retry:
+        raise UsageError("interactive mode takes no MESSAGE, -f, -e or --retry; type the "
+                         "message, /edit or /retry at the prompt")
+    plan = chat_plan(args, config)
     interactive = sys.stdin.isatty()
     if not interactive:
         sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
     with signals_end_the_turn(), open_conversation(plan, config) as conversation:
-        history_file = _open_history(conversation.store.path) if interactive else None
+        # The line history lives beside the database: --no-save writes none.
+        history_file = _open_history(conversation.store.path) \
+            if interactive and conversation.saving else None
         if interactive:
             note(f"synapse {__version__}: {conversation.provider.name}/"
                  f"{conversation.provider.model}. /help for commands, Ctrl-D to leave.")
         try:
-            _repl_loop(conversation, plan, config, interactive)
+            _repl_loop(conversation, config, interactive)
         finally:
             _save_history(history_file)
-            if conversation.stored:
+            if conversation.stored and plan.save:
                 note(f"session: {conversation.session.id}")
     return EXIT_OK
 
 
-def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
-               interactive: bool) -> None:
+def _repl_loop(conversation: Conversation, config: Config, interactive: bool) -> None:
     """Read and send messages until /exit or the end of input.  A failed turn
     leaves the loop at its prompt; Ctrl-C at the prompt goes on to ``main``."""
     while True:
@@ -3078,30 +3423,58 @@ def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
             continue
         if text in ("/exit", "/quit"):
             return
-        if text.startswith("/") and " " not in text:
-            _repl_command(text, conversation, plan)
-            continue
         try:
+            if re.match(r"/[A-Za-z]", text):
+                text = _repl_command(text, conversation)
+                if text is None:
+                    continue
             _warn_if_cut_off(conversation.send(text, emit), config)
         except KeyboardInterrupt:
             note("(reply stopped; what arrived was kept)")
-        except ProviderError as exc:  # the next turn may go through
+        except (ProviderError, UsageError) as exc:  # the next turn may go through
+            report_error(str(exc), config)
+        except SynapseError as exc:
+            if isinstance(exc, (OutputError, StorageError)):
+                raise
             report_error(str(exc), config)
 
 
-def _repl_command(command: str, conversation: Conversation, plan: ChatPlan) -> None:
+def _repl_command(line: str, conversation: Conversation) -> Optional[str]:
+    """Run a /command; returns a message it wrote to send (/edit), else None."""
+    command, _, argument = line.partition(" ")
+    argument = argument.strip()
     if command == "/help":
         emit(REPL_HELP)
     elif command == "/session":
         emit(f"{conversation.session.id}\n" if conversation.stored
              else "no session yet: it starts with your first message\n")
     elif command == "/new":
-        if conversation.stored:
+        if conversation.stored and conversation.plan.save:
             note(f"session: {conversation.session.id}")
-        conversation.start_new(plan.system_prompt or conversation.config.system_prompt, plan.name)
+        conversation.start_new()
         note("Started a new session.")
+    elif command == "/retry":
+        _retry(conversation, conversation.config)
+    elif command == "/undo":
+        try:
+            count = _positive_int(argument or "1")
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"/undo N: {exc}") from None
+        removed = conversation.undo(count)
+        if not removed:
+            raise SynapseError("nothing to undo")
+        note(removed_summary(conversation.session.id, removed).rstrip("\n"))
+    elif command == "/fork":
+        conversation.fork()
+        note(f"session: {conversation.session.id} (a fork; the original is kept)")
+    elif command == "/edit":
+        return require_text(edit_message(""))
+    elif command == "/name":
+        conversation.rename(argument or None)
+        note(f"Named the session {argument!r}." if argument else "Cleared the session's name.")
     else:
-        note(f"synapse: error: unknown command {command}; /help lists them")
+        note(f"synapse: error: unknown command {command}; nothing was sent\n{REPL_HELP.rstrip()}")
+    return None
 
 
 # ---------------------------------------------------------------------------

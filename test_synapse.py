@@ -37,6 +37,10 @@ import synapse
 
 HERE = Path(__file__).resolve().parent
 SYNAPSE = str(HERE / "synapse.py")
+# The synapse command as the installed console script runs it: the module
+# imported (its bytecode cached), then main().  `python synapse.py` from the
+# checkout, which compiles the whole file at every start, has tests of its own.
+COMMAND = [sys.executable, "-c", "import sys, synapse; sys.exit(synapse.main())"]
 KEY = "sk-test-SECRET-0123456789abcdef"
 
 
@@ -234,9 +238,11 @@ class User:
         self.config_dir = self.xdg / "synapse"
         self.db_path = self.config_dir / "sessions.db"
         self.env = {k: v for k, v in os.environ.items()
-                    if not k.endswith("_API_KEY") and not k.startswith("SYNAPSE_")}
+                    if not k.endswith("_API_KEY") and not k.startswith("SYNAPSE_")
+                    and k != "PYTHONDONTWRITEBYTECODE"}
         self.env.update(HOME=str(self.home), XDG_CONFIG_HOME=str(self.xdg),
-                        PYTHONIOENCODING="utf-8", COLUMNS="200")
+                        PYTHONIOENCODING="utf-8", COLUMNS="200",
+                        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
 
     def write_config(self, text: str, mode: int = 0o600) -> Path:
         self.config_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +259,7 @@ class User:
               timeout: float = 60) -> subprocess.CompletedProcess:
         """``synapse ARGS`` as a user runs it: a process of its own."""
         return subprocess.run(
-            [sys.executable, SYNAPSE, *args], input=input, capture_output=True,
+            [*COMMAND, *args], input=input, capture_output=True,
             env={**self.env, **(env or {})}, timeout=timeout, cwd=self.root,
             stdin=None if input is not None else subprocess.DEVNULL)
 
@@ -291,7 +297,7 @@ class User:
         return result
 
     def popen(self, *args: str, **kwargs: object) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, SYNAPSE, *args], env=self.env,
+        return subprocess.Popen([*COMMAND, *args], env=self.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=self.root, **kwargs)
 
@@ -1017,6 +1023,9 @@ def test_version_in_a_subprocess(user):
     result = user.spawn("--version")
     assert result.returncode == 0 and text(result) == f"synapse {synapse.__version__}\n"
     assert user.spawn("-V").stdout == result.stdout
+    # From a checkout, as python synapse.py, the same.
+    checkout = subprocess.run([sys.executable, SYNAPSE, "-V"], capture_output=True, env=user.env)
+    assert checkout.returncode == 0 and checkout.stdout == result.stdout
 
 
 def test_help_follows_the_terminal_width(user):
@@ -1261,7 +1270,7 @@ def test_no_message_on_a_terminal_prints_help(user):
 
     master, slave = pty.openpty()
     try:
-        result = subprocess.run([sys.executable, SYNAPSE], stdin=slave, capture_output=True,
+        result = subprocess.run([*COMMAND], stdin=slave, capture_output=True,
                                 env=user.env, timeout=30)
     finally:
         os.close(slave)
@@ -1534,7 +1543,7 @@ def test_session_id_on_stderr_when_it_is_a_terminal(user):
 
     master, slave = pty.openpty()
     try:
-        result = subprocess.run([sys.executable, SYNAPSE, "-p", "echo", "hi"], env=user.env,
+        result = subprocess.run([*COMMAND, "-p", "echo", "hi"], env=user.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
                                 timeout=30)
         os.close(slave)
@@ -2179,11 +2188,11 @@ def integrity(db_path: Path) -> None:
 
 WORKER = """
 import subprocess, sys
-synapse, worker, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-extra = sys.argv[4:]
+command, worker, count = sys.argv[1:4], sys.argv[4], int(sys.argv[5])
+extra = sys.argv[6:]
 failures = 0
 for i in range(count):
-    r = subprocess.run([sys.executable, synapse, "-p", "echo", *extra, f"worker {worker} chat {i}"],
+    r = subprocess.run([*command, "-p", "echo", *extra, f"worker {worker} chat {i}"],
                        capture_output=True, stdin=subprocess.DEVNULL)
     if r.returncode != 0 or r.stdout != f"worker {worker} chat {i}\\n".encode():
         failures += 1
@@ -2195,7 +2204,7 @@ sys.exit(1 if failures else 0)
 def run_workers(user: User, tmp_path: Path, workers: int, count: int, *extra: str) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    processes = [subprocess.Popen([sys.executable, str(script), SYNAPSE, str(w), str(count), *extra],
+    processes = [subprocess.Popen([sys.executable, str(script), *COMMAND, str(w), str(count), *extra],
                                   env=user.env, stderr=subprocess.PIPE, cwd=user.root)
                  for w in range(workers)]
     for p in processes:
@@ -2462,7 +2471,7 @@ def test_postgres_url_and_bad_toml_in_a_subprocess(user):
 
 
 def test_permissions_under_a_permissive_umask_in_a_subprocess(user):
-    result = subprocess.run([sys.executable, SYNAPSE, "-p", "echo", "private"], env=user.env,
+    result = subprocess.run([*COMMAND, "-p", "echo", "private"], env=user.env,
                             capture_output=True, preexec_fn=lambda: os.umask(0),
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0
@@ -2721,7 +2730,7 @@ def test_sessions_list_on_a_real_pseudo_terminal(user):
         import termios
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 80, 0, 0))
         env = {k: v for k, v in user.env.items() if k != "COLUMNS"}
-        process = subprocess.Popen([sys.executable, SYNAPSE, "sessions", "list"], stdout=slave,
+        process = subprocess.Popen([*COMMAND, "sessions", "list"], stdout=slave,
                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
         os.close(slave)
         seen = b""
@@ -2744,24 +2753,24 @@ def test_sessions_list_on_a_real_pseudo_terminal(user):
 
 def test_closed_full_and_narrow_output_streams(user):
     user.ok("-p", "echo", "caf\u00e9 \u65e5\u672c")
-    closed = subprocess.run([sys.executable, SYNAPSE, "-p", "echo", "into nowhere"], env=user.env,
+    closed = subprocess.run([*COMMAND, "-p", "echo", "into nowhere"], env=user.env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
     assert_one_error_line(closed, 1, "standard output is closed")
     assert user.messages()[-2:] == [("user", "into nowhere"), ("assistant", "into ")]
-    closed = subprocess.run([sys.executable, SYNAPSE, "sessions", "list"], env=user.env,
+    closed = subprocess.run([*COMMAND, "sessions", "list"], env=user.env,
                             capture_output=True, preexec_fn=lambda: os.close(1))
     assert_one_error_line(closed, 1, "standard output is closed")
     for args in (["-p", "echo", "to a full disk"], ["sessions", "list"]):
         with open("/dev/full", "w") as full:
-            result = subprocess.run([sys.executable, SYNAPSE, *args], env=user.env, stdout=full,
+            result = subprocess.run([*COMMAND, *args], env=user.env, stdout=full,
                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert_one_error_line(result, 1, "cannot write to standard output", "No space left")
     assert user.messages()[-2:] == [("user", "to a full disk"), ("assistant", "to ")]
     ascii_only = user.spawn("sessions", "show", user.session_ids()[0],
                             env={"PYTHONIOENCODING": "ascii"})
     assert ascii_only.returncode == 0 and "caf? ??" in text(ascii_only)
-    no_stderr = subprocess.run([sys.executable, SYNAPSE, "-p", "echo", "--system", "x", "-C", "hi"],
+    no_stderr = subprocess.run([*COMMAND, "-p", "echo", "--system", "x", "-C", "hi"],
                                env=user.env, capture_output=True, stdin=subprocess.DEVNULL,
                                preexec_fn=lambda: os.close(2))
     # The warning about --system had nowhere to go: the chat still succeeds, stdout clean.
@@ -3417,6 +3426,434 @@ def test_a_message_named_like_a_command_follows_two_dashes(user):
     for word in ("models", "usage", "sessions"):
         assert text(user.run("-p", "echo", "--", word)) == f"{word}\n"
     assert [c for r, c in user.messages() if r == "user"] == ["models", "usage", "sessions"]
+
+
+# ---------------------------------------------------------------------------
+# Shaping a conversation: retry, undo, fork, no-save, files, editor, roles (SPEC §10)
+# ---------------------------------------------------------------------------
+
+
+def chat_session(user: User, *exchanges: str, provider: str = "echo") -> str:
+    """A stored session of echo exchanges; its ID."""
+    first, *rest = exchanges
+    user.ok("-p", provider, first)
+    sid = user.session_ids()[-1]
+    for text_ in rest:
+        user.ok("-s", sid, text_)
+    return sid
+
+
+def contents(user: User) -> List[tuple]:
+    return [(r, c) for r, c in user.messages()]
+
+
+def test_retry_replaces_the_reply_only_when_the_new_one_is_complete(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("first answer")]),
+                 Reply(chunks=[openai_stream("second answer")]))
+    user.ok("q1")
+    (sid,) = user.session_ids()
+    user.ok("-s", sid, "q2")
+    server.queue(Reply(chunks=[openai_stream("better", " second")]))
+    result = user.spawn("-s", sid[:6], "--retry")
+    assert result.returncode == 0 and text(result) == "better second\n", err(result)
+    # What was sent: the history up to and including the last user message.
+    assert [m["content"] for m in server.received[-1].body["messages"]] == ["q1", "first answer", "q2"]
+    assert contents(user) == [("user", "q1"), ("assistant", "first answer"), ("user", "q2"),
+                              ("assistant", "better second")]
+    # A failure mid-reply keeps the old reply, drops the partial new one, and says so.
+    server.queue(Reply(chunks=[openai_stream("half", done=False)], drop=True))
+    result = user.run("-C", "--retry")
+    assert_one_error_line(result, 1, "the old reply was kept")
+    assert contents(user)[-1] == ("assistant", "better second") and len(user.messages()) == 4
+    # An error before any text too.
+    server.queue(json_error(400, {"error": {"message": "nope"}}))
+    assert_one_error_line(user.run("-C", "--retry"), 1, "nope")
+    assert len(user.messages()) == 4
+
+
+def test_retry_of_an_unanswered_message_stores_the_reply_as_any(user, server):
+    user.use_server(server)
+    server.queue(json_error(400, {"error": {"message": "down"}}))
+    assert user.run("lonely question").returncode == 1
+    server.queue(Reply(chunks=[openai_stream("a partial", done=False)], drop=True))
+    assert_one_error_line(user.run("-C", "--retry"), 1, "the partial reply was kept")
+    assert contents(user) == [("user", "lonely question"), ("assistant", "a partial")]
+    assert user.rows("SELECT stop_reason FROM messages WHERE role = 'assistant'") == [("error",)]
+    server.queue(Reply(chunks=[openai_stream("whole")]))
+    assert text(user.run("-C", "--retry")) == "whole\n"
+    assert contents(user) == [("user", "lonely question"), ("assistant", "whole")]
+
+
+def test_retry_with_another_model_and_without_saving(user, server):
+    sid = chat_session(user, "what is 2+2?")
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("4")]), Reply(chunks=[openai_stream("four")]))
+    user.ok("-s", sid, "--retry", "-p", "deepseek", "-m", "deepseek-reasoner")
+    assert server.received[-1].body["model"] == "deepseek-reasoner"
+    assert user.rows("SELECT provider, model FROM sessions") == [("deepseek", "deepseek-reasoner")]
+    assert reply_record(user)[:3] == ("4", "deepseek", "deepseek-reasoner")
+    before = user.db_path.read_bytes()
+    assert text(user.run("-s", sid, "--retry", "-n")) == "four\n"
+    assert contents(user)[-1] == ("assistant", "4") and user.db_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, data, complaint", [
+    (["-C", "--retry", "new words"], None, "no MESSAGE"),
+    (["-C", "--retry"], b"piped words", "piped text"),
+    (["-C", "--retry", "-f", "x.txt"], None, "-f"),
+    (["-C", "--retry", "-e"], None, "-e"),
+    (["--retry"], None, "give -s ID or -C"),
+])
+def test_retry_usage_errors(user, args, data, complaint):
+    chat_session(user, "hi")
+    (user.root / "x.txt").write_text("x")
+    before = contents(user)
+    assert_one_error_line(user.run("-p", "echo", *args, input=data), 2, "--retry", complaint)
+    assert contents(user) == before
+
+
+def test_retry_of_a_session_without_a_user_message(user):
+    store = synapse.SqliteStore(str(user.db_path))
+    session = make_session(store)
+    store.add_message(synapse.StoredMessage.new(session.id, synapse.Role.SYSTEM, "rules"))
+    store.close()
+    assert_one_error_line(user.run("-s", str(session.id), "--retry"), 1, "nothing to retry")
+    assert_one_error_line(user.run("-s", "ffff", "--retry"), 1, "not found")
+
+
+def test_undo_removes_exchanges_and_lists_them(user):
+    store = synapse.SqliteStore(str(user.db_path))
+    session = make_session(store)
+    for role, content in (("system", "kept always"), ("user", "first question"),
+                          ("assistant", "first answer"), ("user", "second  question\nwith lines"),
+                          ("assistant", "second answer"), ("assistant", "and more"),
+                          ("user", "x" * 80)):
+        store.add_message(synapse.StoredMessage.new(session.id, synapse.Role(role), content))
+    store.close()
+    sid = str(session.id)
+    set_updated(user.db_path, sid, NOW - timedelta(days=5))
+    result = user.run("sessions", "undo", sid[:8])
+    assert text(result) == f"Removed 1 message from session {sid}\n[USER] {'x' * 49}\u2026\n"
+    assert user.rows("SELECT updated_at > ? FROM sessions", (synapse.format_timestamp(NOW),)) == [(1,)]
+    result = user.spawn("sessions", "undo", sid, "--count", "1")
+    assert text(result) == (f"Removed 3 messages from session {sid}\n[USER] second question with lines\n"
+                            f"[ASSISTANT] second answer\n[ASSISTANT] and more\n")
+    assert text(user.run("sessions", "undo", sid, "--count", "9")).startswith("Removed 2 messages")
+    assert contents(user) == [("system", "kept always")]
+    result = user.run("sessions", "undo", sid)
+    assert result.returncode == 0 and text(result) == f"Removed 0 messages from session {sid}\n"
+
+
+@pytest.mark.parametrize("args, code", [
+    (["sessions", "undo", "ID", "--count", "0"], 2), (["sessions", "undo", "ID", "--count", "-2"], 2),
+    (["sessions", "fork", "ID", "--undo", "-1"], 2), (["sessions", "undo", "zz!"], 2),
+    (["sessions", "fork", "zz!"], 2), (["sessions", "undo", str(uuid.UUID(int=5))], 1),
+    (["sessions", "fork", str(uuid.UUID(int=5))], 1), (["sessions", "undo", "abcd"], 1),
+    (["sessions", "fork", "abcd"], 1),
+])
+def test_undo_and_fork_refuse_bad_input(user, args, code):
+    crafted_store(user, ["abcd1234-0000-4000-8000-000000000001", "abcd1234-0000-4000-8000-000000000002"])
+    sid = chat_session(user, "keep me")
+    args = [sid if a == "ID" else a for a in args]
+    result = user.run(*args)
+    assert_one_error_line(result, code)
+    if args[-1] == "abcd":
+        assert "ambiguous" in err(result)
+    assert len(user.session_ids()) == 3 and len(user.messages()) == 2
+
+
+def test_fork_copies_all_but_the_last_exchanges(user):
+    sid = chat_session(user, "one", "two", "three")
+    user.ok("sessions", "rename", sid, "Planning")
+    source_before = user.rows("SELECT * FROM sessions WHERE id = ?", (sid,))
+    set_updated(user.db_path, sid, NOW - timedelta(days=3))
+    source_before = user.rows("SELECT * FROM sessions WHERE id = ?", (sid,))
+    result = user.spawn("sessions", "fork", sid[:8], "--undo", "1")
+    fork_id = text(result).strip()
+    assert result.returncode == 0 and text(result) == f"{fork_id}\n" and uuid.UUID(fork_id)
+    fork = json.loads(text(user.run("sessions", "show", fork_id, "--json")))
+    source = json.loads(text(user.run("sessions", "show", sid, "--json")))
+    assert fork["forked_from"] == sid and fork["name"] == "Planning (fork)"
+    assert (fork["provider"], fork["model"], fork["system_prompt"]) == (
+        source["provider"], source["model"], source["system_prompt"])
+    assert [(m["role"], m["content"]) for m in fork["messages"]] == [
+        ("user", "one"), ("assistant", "one"), ("user", "two"), ("assistant", "two")]
+    for copy, original in zip(fork["messages"], source["messages"]):
+        assert copy["id"] != original["id"]
+        assert {k: v for k, v in copy.items() if k != "id"} == {k: v for k, v in original.items() if k != "id"}
+    assert fork["created_at"] == fork["updated_at"] > synapse.format_timestamp(NOW)
+    assert user.rows("SELECT * FROM sessions WHERE id = ?", (sid,)) == source_before  # untouched
+    assert f"Forked from: {sid}" in text(user.run("sessions", "show", fork_id))
+    # Continue in the fork, as the README shows.
+    assert text(user.run("-s", fork_id, "try this instead")) == "try this instead\n"
+    assert len(json.loads(text(user.run("sessions", "show", sid, "--json")))["messages"]) == 6
+
+
+def test_fork_names(user):
+    unnamed = chat_session(user, "a   very long first question " * 3)
+    named = text(user.run("sessions", "fork", unnamed, "--name", "mine")).strip()
+    preview = text(user.run("sessions", "fork", unnamed)).strip()
+    store = synapse.SqliteStore(str(user.db_path))
+    empty = make_session(store)
+    store.close()
+    bare = text(user.run("sessions", "fork", str(empty.id))).strip()
+    names = dict(user.rows("SELECT id, name FROM sessions"))
+    assert names[named] == "mine"
+    assert names[preview] == synapse.shorten("a   very long first question " * 3, 50) + " (fork)"
+    assert names[bare] == f"fork of {str(empty.id)[:8]}"
+
+
+def test_the_repl_can_retry_undo_fork_and_name(user):
+    script = "\n".join(["/name Planned", "one", "two", "/retry", "/undo", "/undo 5", "/undo",
+                        "/retry", "three", "/fork", "four", "/bogus words", "/session", ""])
+    result = user.run("-r", "-p", "echo", input=script.encode())
+    assert result.returncode == 0, err(result)
+    original, fork = user.session_ids()
+    assert user.rows("SELECT name, forked_from FROM sessions ORDER BY rowid") == [
+        ("Planned", None), ("Planned (fork)", original)]
+    assert [c for s_, c in user.rows("SELECT session_id, content FROM messages WHERE role = 'user'"
+                                     " ORDER BY rowid") if s_ == original] == ["three"]
+    assert [c for s_, c in user.rows("SELECT session_id, content FROM messages WHERE role = 'user'"
+                                     " ORDER BY rowid") if s_ == fork] == ["three", "four"]
+    stderr = err(result)
+    assert "Removed 2 messages" in stderr and "Removed 2 messages" in stderr.split("Removed 2 messages", 1)[1]
+    assert stderr.count("synapse: error: nothing to undo") == 1
+    assert "synapse: error: nothing to retry" in stderr
+    assert f"session: {fork} (a fork" in stderr and "unknown command /bogus" in stderr
+    assert "/retry" in stderr.split("unknown command /bogus", 1)[1]  # the list of commands
+    assert text(result).endswith(f"{fork}\n") and "bogus" not in text(result)
+    assert stderr.rstrip().endswith(f"session: {fork}")
+
+
+def test_no_save_writes_nothing(user, server):
+    result = user.spawn("-n", "-p", "echo", "ask and forget")
+    assert result.returncode == 0 and text(result) == "ask and forget\n"
+    assert not user.xdg.exists()  # not even the folder
+    sid = chat_session(user, "remember this")
+    user.use_server(server)
+    folder = sorted(os.listdir(user.config_dir))
+    before = user.db_path.read_bytes()
+    server.queue(Reply(chunks=[openai_stream("sure")]))
+    result = user.run("-n", "-s", sid, "-p", "deepseek", "and this?", tty="err")
+    assert result.returncode == 0 and "session:" not in err(result)
+    assert [m["content"] for m in server.received[-1].body["messages"]] == [
+        "remember this", "remember this", "and this?"]
+    assert user.db_path.read_bytes() == before and sorted(os.listdir(user.config_dir)) == folder
+    result = user.run("-n", "-r", "-s", sid, "-p", "echo", input=b"one\n/undo\n/fork\ntwo\n/name x\n")
+    assert text(result) == "one\ntwo\n" and "session:" not in err(result).split("(a fork")[1]
+    assert user.db_path.read_bytes() == before and sorted(os.listdir(user.config_dir)) == folder
+    assert_one_error_line(user.run("-n", "-C", "-p", "echo", "x", env={
+        "SYNAPSE_DATABASE_URL": str(user.root / "none.db")}), 1, "no session to continue")
+    assert not (user.root / "none.db").exists()
+
+
+def test_files_are_fenced_into_the_message(user):
+    (user.root / "app.py").write_text("print('hi')")
+    (user.root / "notes.md").write_text("intro\n```python\ncode\n```\n````\nmore\n")
+    result = user.run("-p", "echo", "-f", "app.py", "-f", "notes.md", "explain", input=b"piped\n")
+    expected = ("app.py\n```\nprint('hi')\n```\n\n"
+                "notes.md\n`````\nintro\n```python\ncode\n```\n````\nmore\n`````\n\n"
+                "piped\n\nexplain")
+    assert result.returncode == 0 and contents(user)[0] == ("user", expected)
+    # -f alone is a message, even with a terminal on stdin.
+    result = user.run("-p", "echo", "-f", "app.py", tty="in")
+    assert contents(user)[2] == ("user", "app.py\n```\nprint('hi')\n```")
+    result = user.spawn("-p", "echo", "-f", str(user.root / "app.py"), "and?")
+    assert text(result).endswith("```\n\nand?\n")
+
+
+@pytest.mark.parametrize("make, complaint", [
+    (lambda p: p.mkdir(), "is a directory"), (lambda p: None, "cannot be read"),
+    (lambda p: p.write_bytes(b"text\x00more"), "looks binary"),
+    (lambda p: p.write_bytes(b"caf\xe9"), "looks binary"),
+])
+def test_files_that_cannot_be_attached(user, make, complaint):
+    target = user.root / "thing"
+    make(target)
+    assert_one_error_line(user.run("-p", "echo", "-f", "thing", "hi"), 2, "thing", complaint)
+    assert not user.db_path.exists()
+
+
+def test_a_ten_megabyte_file(user):
+    (user.root / "big.txt").write_text("line of text\n" * 800_000)
+    assert user.run("-p", "echo", "-f", "big.txt", "summarise").returncode == 0
+    assert len(contents(user)[0][1]) > 10_000_000
+
+
+FAKE_EDITOR = """
+import json, os, stat, sys, time
+path = sys.argv[-1]
+with open(os.environ["EDITOR_LOG"], "w") as log:
+    json.dump({"argv": sys.argv[1:], "mode": stat.S_IMODE(os.stat(path).st_mode), "path": path,
+               "before": open(path).read(), "terminal": os.isatty(0) and os.isatty(1)}, log)
+action = os.environ.get("EDITOR_ACTION", "write")
+if action == "fail":
+    sys.exit(3)
+if action == "sleep":
+    time.sleep(30)
+with open(path, "w") as draft:
+    draft.write(os.environ.get("EDITOR_TEXT", "written in the editor\\n\\n"))
+"""
+
+
+def on_a_terminal(user: User, *args: str, env: Optional[dict] = None, stdin: Optional[bytes] = None,
+                  interrupt_after: Optional[float] = None) -> subprocess.CompletedProcess:
+    """``synapse ARGS`` with a pseudo-terminal of its own as controlling terminal
+    (its /dev/tty); stdin is that terminal unless bytes are piped."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def take_the_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen([*COMMAND, *args], env={**user.env, **(env or {})},
+                               stdin=slave if stdin is None else subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=user.root,
+                               preexec_fn=take_the_terminal, pass_fds=(slave,))
+    os.close(slave)
+    drain = threading.Thread(target=lambda: [None for _ in iter(lambda: _read_or_end(master), b"")],
+                             daemon=True)
+    drain.start()
+    try:
+        if interrupt_after is not None:
+            time.sleep(interrupt_after)
+            process.send_signal(signal.SIGINT)
+        out, error = process.communicate(input=stdin, timeout=60)
+    finally:
+        os.close(master)
+    return subprocess.CompletedProcess(args, process.returncode, out, error)
+
+
+def _read_or_end(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""
+
+
+@pytest.fixture
+def editor(user, tmp_path):
+    script = tmp_path / "fake editor.py"
+    script.write_text(FAKE_EDITOR)
+    log = tmp_path / "editor.json"
+    user.env.update(EDITOR=f"'{sys.executable}' '{script}' --wait", EDITOR_LOG=str(log))
+    user.env.pop("VISUAL", None)
+    return log
+
+
+def test_the_editor_writes_the_message(user, editor):
+    (user.root / "a.txt").write_text("file text")
+    result = on_a_terminal(user, "-p", "echo", "-e", "-f", "a.txt", "draft", stdin=b"piped")
+    assert result.returncode == 0, err(result)
+    seen = json.loads(editor.read_text())
+    assert seen["argv"][0] == "--wait" and seen["mode"] == 0o600 and seen["path"].endswith(".md")
+    assert seen["before"] == "a.txt\n```\nfile text\n```\n\npiped\n\ndraft"
+    assert seen["terminal"]  # stdin was piped: the editor got /dev/tty
+    assert not os.path.exists(seen["path"])
+    assert contents(user) == [("user", "written in the editor"), ("assistant", "written in the editor")]
+    # VISUAL wins over EDITOR.
+    result = on_a_terminal(user, "-p", "echo", "-e", env={"VISUAL": "/nonexistent/editor"})
+    assert_one_error_line(result, 2, "/nonexistent/editor", "VISUAL or EDITOR")
+
+
+@pytest.mark.parametrize("action, code, complaint", [
+    ("fail", 1, "the editor exited with status 3; nothing was sent"),
+    ("empty", 2, "the message is empty"),
+])
+def test_an_editor_that_fails_sends_nothing(user, editor, action, code, complaint):
+    result = on_a_terminal(user, "-p", "echo", "-e", env={"EDITOR_ACTION": action, "EDITOR_TEXT": " \n"})
+    assert_one_error_line(result, code, complaint)
+    assert not os.path.exists(json.loads(editor.read_text())["path"])
+    assert not user.db_path.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_editor(user, editor):
+    result = on_a_terminal(user, "-p", "echo", "-e", env={"EDITOR_ACTION": "sleep"}, interrupt_after=1.0)
+    assert result.returncode == 130 and b"Traceback" not in result.stderr
+    assert not os.path.exists(json.loads(editor.read_text())["path"])
+    assert not user.db_path.exists()
+
+
+def test_edit_without_a_terminal_and_missing_editors(user, editor):
+    result = subprocess.run([*COMMAND, "-p", "echo", "-e", "hi"], env=user.env,
+                            capture_output=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    assert_one_error_line(result, 2, "--edit needs a terminal")
+    result = on_a_terminal(user, "-p", "echo", "-e", env={"EDITOR": "no-such-editor-here"})
+    assert_one_error_line(result, 2, "no-such-editor-here")
+    assert not user.db_path.exists()
+
+
+def test_roles_shape_a_new_session(user, server):
+    (user.config_dir).mkdir(parents=True)
+    (user.config_dir / "review.md").write_text("  You review code. Be blunt.\n\n")
+    user.write_config(f"""
+provider = "deepseek"
+base_url = "{server.url}"
+api_key = "{KEY}"
+temperature = 0.7
+[providers.anthropic]
+base_url = "{server.url}"
+api_key = "{KEY}"
+[roles.reviewer]
+system_prompt_file = "review.md"
+provider = "anthropic"
+model = "claude-opus-4"
+temperature = 0.1
+[roles.plain]
+system_prompt = "Be plain."
+""")
+    server.queue(Reply(chunks=[anthropic_stream("LGTM")]))
+    result = user.spawn("--role", "reviewer", "look at this")
+    assert text(result) == "LGTM\n", err(result)
+    body = server.received[-1].body
+    assert (body["model"], body["system"], body["temperature"]) == (
+        "claude-opus-4", "You review code. Be blunt.", 0.1)
+    # --system, -p and -m win; -p without -m takes that provider's model.
+    server.queue(hello(), hello())
+    user.ok("--role", "reviewer", "--system", "Mine.", "-p", "deepseek", "x")
+    body = server.received[-1].body
+    assert (body["model"], body["messages"][0]["content"], body["temperature"]) == (
+        "deepseek-chat", "Mine.", 0.1)
+    user.ok("--role", "plain", "y")
+    body = server.received[-1].body
+    assert body["messages"][0]["content"] == "Be plain." and body["temperature"] == 0.7
+    assert_one_error_line(user.run("--role", "critic", "z"), 2, "unknown role 'critic'", "plain, reviewer")
+    assert_one_error_line(user.run("--role", "plain", "-C", "z"), 2, "--role", "-s or -C")
+    assert len(user.session_ids()) == 3
+
+
+@pytest.mark.slow
+def test_two_processes_retrying_one_session_at_once(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[openai_stream("original")]))
+    user.ok("question")
+    (sid,) = user.session_ids()
+    server.queue(slow_stream(pieces=10, delay=0.05), slow_stream(pieces=10, delay=0.05))
+    first, second = user.popen("-s", sid, "--retry"), user.popen("-s", sid, "--retry")
+    for process in (first, second):
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    assert len(server.received) == 3
+    messages = contents(user)
+    assert messages[0] == ("user", "question") and len(messages) == 2  # one reply, not two
+    assert messages[1][1].startswith("w0 ") and messages[1][1].endswith("w9 ")
+    integrity(user.db_path)
+
+
+@pytest.mark.slow
+def test_two_processes_undoing_one_session_at_once(user, tmp_path):
+    sid = chat_session(user, *[f"exchange {i}" for i in range(6)])
+    processes = [user.popen("sessions", "undo", sid, "--count", "2") for _ in range(2)]
+    outputs = [p.communicate(timeout=60)[0].decode() for p in processes]
+    assert all(p.returncode == 0 for p in processes)
+    assert sorted(o.splitlines()[0] for o in outputs) == [f"Removed 4 messages from session {sid}"] * 2
+    assert [c for r, c in contents(user) if r == "user"] == ["exchange 0", "exchange 1"]
+    integrity(user.db_path)
 
 
 # -- the parser against anything ---------------------------------------------------------
