@@ -2575,7 +2575,41 @@ class CommandLineParser(argparse.ArgumentParser):
     def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
                    namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
         self.argv = list(args or ())
+        # argparse reads "-hello" as -h and more (and Pythons differ in what
+        # they make of it): a message that starts with "-" must follow "--".
+        stray = self.stray_dash_word()
+        if stray is not None:
+            self.error(f"'{stray}' is not an option")
         return super().parse_args(args, namespace)
+
+    def stray_dash_word(self) -> Optional[str]:
+        """The first word before ``--`` that starts with "-" but is no option:
+        neither short flags run together (-Cr, -pecho) nor a known long one.
+        Only the chat parser has messages to mistake for options."""
+        if self.prog != "synapse":
+            return None
+        words = iter(self.argv)
+        for word in words:
+            if word == "--":
+                return None
+            if not word.startswith("-") or word == "-":
+                continue
+            if word.startswith("--"):
+                action = self._option_string_actions.get(word.split("=")[0])
+                if action is None:
+                    return word
+                if action.nargs is None and "=" not in word:
+                    next(words, None)  # its value, whatever it looks like
+                continue
+            for at, letter in enumerate(word[1:], start=2):
+                action = self._option_string_actions.get("-" + letter)
+                if action is None:
+                    return word
+                if action.nargs != 0:  # takes a value: the rest of the word, or the next one
+                    if at == len(word):
+                        next(words, None)
+                    break
+        return None
 
     def _print_message(self, message: str, file: Optional[TextIO] = None) -> None:
         if message:
@@ -2587,15 +2621,11 @@ class CommandLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
         hint = ""
-        if "--since" in message or "--until" in message:  # "-3d" is taken for an option
-            hint = f"; WHEN is {WHEN_FORMS}" if "WHEN_FORMS" not in message else ""
-        elif self.prog == "synapse":
-            # "-hello" reads as -h with "ello": a message that starts with "-"
-            # needs "--" before it, which the error line suggests.
-            stray = next((a for a in self.argv if a.startswith("-") and a not in ("-", "--")
-                          and a.split("=")[0] not in self._option_string_actions), None)
-            if stray:
-                hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"'
+        stray = self.stray_dash_word()
+        if ("--since" in message or "--until" in message) and WHEN_FORMS not in message:
+            hint = f"; WHEN is {WHEN_FORMS}"  # "-3d" is taken for an option
+        elif stray is not None:
+            hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"'
         note(f"synapse: error: {message}{hint}")
         raise SystemExit(EXIT_USAGE)
 
