@@ -325,6 +325,12 @@ retention_days = 0
         requests_base = statistics.median(r.seconds for r in requests_runs)
         rows.append(timing_row('synapse "Hello", local server, minus python -c "import requests"',
                                0.120, repeat([*cli, "Hello"], chat_env, runs), requests_base))
+        store = synapse.SqliteStore(str(work / "chat.db"))
+        retried = store.list_sessions(limit=1)[0].id
+        store.close()
+        rows.append(timing_row('synapse -s ID --retry, local server, minus python -c "import requests"',
+                               0.120, repeat([*cli, "-s", str(retried), "--retry"], chat_env, runs),
+                               requests_base))
 
         latencies = []
         for _ in range(max(runs // 3, 1)):
