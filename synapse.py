@@ -9,12 +9,15 @@ The module reads top to bottom in the order data flows:
 
 1. errors, streams    -- one exception hierarchy, the exit statuses, and the
                          two writers every message goes through
-2. data types         -- roles, sessions, messages, cleanup records
-3. configuration      -- the TOML file, providers and where the database is
+2. data types         -- roles, sessions, messages, exchanges, filters
+3. configuration      -- the TOML file, providers, roles, prices, the database
 4. storage            -- the SessionStore protocol, migrations, SqliteStore
-5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo
-6. chat flow          -- a Conversation: store, send, stream, store
-7. command line       -- argparse, the chat and ``sessions`` commands, the REPL
+5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo,
+                         stream_chat (the one entry point) and the model lists
+6. chat flow          -- a Conversation: store, send (or retry), stream, store;
+                         undo and fork; the message from MESSAGE, pipe and files
+7. command line       -- argparse; the chat, ``sessions``, ``usage`` and
+                         ``models`` commands; the editor; the REPL
 8. main               -- the one place that maps exceptions to exit codes
 
 The contract it honours is SPEC.md.  ``requests`` is imported only when a
@@ -2154,7 +2157,8 @@ def echo_reply(request: ChatRequest) -> Iterator[Reply]:
 # its history, the provider and the request options.  ``Conversation.send``
 # is one turn: commit the user message, stream the reply to ``out`` as it
 # arrives, keep the reply -- also a partial one when the user presses Ctrl-C
-# or the provider fails mid-reply.  It writes only the reply to ``out``.
+# or the provider fails mid-reply; ``retry`` asks again.  It writes only the
+# reply, to ``out``; it reads files the user names, and nothing else prints.
 # ---------------------------------------------------------------------------
 
 
@@ -2480,10 +2484,11 @@ def require_text(message: str) -> str:
 # ---------------------------------------------------------------------------
 # 7. Command line
 #
-# argparse for ``synapse [OPTIONS] [MESSAGE]`` and ``synapse sessions ...``,
-# the handlers, and interactive mode.  Handlers return an exit status or
-# raise a SynapseError; they print, and what they call above prints only the
-# reply (``Conversation.send``) and config warnings.
+# argparse for ``synapse [OPTIONS] [MESSAGE]``, ``synapse sessions ...``,
+# ``usage`` and ``models``; the handlers, the editor, and interactive mode.
+# Handlers return an exit status or raise a SynapseError; they print, and
+# what they call above prints only the reply (``Conversation.send``) and
+# config warnings.
 # ---------------------------------------------------------------------------
 
 
