@@ -47,6 +47,9 @@ WORDS = ("the quick brown fox jumps over a lazy dog while python sqlite terminal
 SITE_COST_WARNING = 0.005  # seconds: a bare venv's site costs about 1 ms
 NEEDLE = "zanzibar"  # in one session of every thousand
 INSERT_MESSAGE = "INSERT INTO messages (id, session_id, role, content, timestamp) VALUES (?, ?, ?, ?, ?)"
+INSERT_REPLY = ("INSERT INTO messages (id, session_id, role, content, timestamp, provider, model,"
+                " input_tokens, output_tokens, stop_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+MODELS = ("deepseek-chat", "gpt-4o", "claude-sonnet-4-5", "llama3.2")
 
 
 @dataclass
@@ -120,8 +123,17 @@ def timing_row(measure: str, target_s: float, runs: List[Run], baseline: float =
 # -- data -----------------------------------------------------------------------
 
 
+def session_time(i: int, sessions: int, now: datetime) -> datetime:
+    """When session ``i`` of ``sessions`` was last updated: the newest 1 % in
+    the last week (what `search --since 7d` finds), the rest over 60 days before."""
+    recent = max(sessions // 100, 1)
+    if i >= sessions - recent:
+        return now - timedelta(days=7) + timedelta(days=6.5 * (i - sessions + recent) / recent)
+    return now - timedelta(days=60) + timedelta(days=52 * i / sessions)
+
+
 def build_database(path: Path, sessions: int, messages_each: int, rng: random.Random) -> None:
-    """Bulk-load through the real schema; timestamps spread over 60 days."""
+    """Bulk-load through the real schema: replies with their models and tokens."""
     store = synapse.SqliteStore(str(path))
     store.close()
     conn = synapse.connect(str(path))
@@ -129,19 +141,22 @@ def build_database(path: Path, sessions: int, messages_each: int, rng: random.Ra
     conn.execute("BEGIN")
     for i in range(sessions):
         sid = str(uuid.uuid4())
-        created = now - timedelta(days=60) + timedelta(seconds=i * 60 * 86400 / max(sessions, 1))
-        stamp = synapse.format_timestamp(created)
+        stamp = synapse.format_timestamp(session_time(i, sessions, now))
         conn.execute("INSERT INTO sessions (id, name, provider, model, created_at, updated_at)"
                      " VALUES (?, ?, 'echo', 'echo', ?, ?)",
                      (sid, f"session {i}" if i % 3 == 0 else None, stamp, stamp))
         rows = []
         for j in range(messages_each):
             content = " ".join(rng.choices(WORDS, k=rng.randint(8, 30)))
-            if j == 3 and i % 1000 == 7:
+            if j == 3 and (i % 1000 == 7 or i == sessions - 3):  # one in the last week too
                 content += f" {NEEDLE.upper()} appears here"
-            rows.append((str(synapse.new_message_id()), sid, "user" if j % 2 == 0 else "assistant",
-                         content, stamp))
-        conn.executemany(INSERT_MESSAGE, rows)
+            reply = j % 2 == 1
+            rows.append((str(synapse.new_message_id()), sid, "assistant" if reply else "user",
+                         content, stamp, "echo" if reply else None,
+                         rng.choice(MODELS) if reply else None,
+                         rng.randint(10, 5000) if reply else None,
+                         rng.randint(1, 900) if reply else None, "stop" if reply else None))
+        conn.executemany(INSERT_REPLY, rows)
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -398,6 +413,12 @@ retention_days = 0
         requests_base = statistics.median(r.seconds for r in requests_runs)
         rows.append(timing_row('synapse "Hello", local server, minus python -c "import requests"',
                                0.120, repeat([*cli, "Hello"], chat_env, runs), requests_base))
+        store = synapse.SqliteStore(str(work / "chat.db"))
+        retried = store.list_sessions(limit=1)[0].id
+        store.close()
+        rows.append(timing_row('synapse -s ID --retry, local server, minus python -c "import requests"',
+                               0.120, repeat([*cli, "-s", str(retried), "--retry"], chat_env, runs),
+                               requests_base))
 
         latencies = []
         for _ in range(max(runs // 3, 1)):
@@ -478,6 +499,26 @@ retention_days = 0
         rows.append(timing_row(f"sessions search --limit 20, common word ({sessions:,} x 10)", 0.500,
                                repeat([*cli, "sessions", "search", "python", "--limit", "20"],
                                       env, runs)))
+        since = repeat([*cli, "sessions", "search", NEEDLE, "--since", "7d"], env, runs)
+        if b"appears here" not in since[0].stdout:
+            raise SystemExit("bench: search --since 7d found nothing in the window")
+        rows.append(timing_row(f"sessions search --since 7d ({sessions:,} x 10, 1 % in the window)",
+                               0.100, since))
+        usage = repeat([*cli, "usage"], env, runs)
+        if not all(m.encode() in usage[0].stdout for m in MODELS):
+            raise SystemExit(f"bench: usage did not sum every model: {usage[0].stdout[:200]!r}")
+        rows.append(timing_row(f"synapse usage ({sessions:,} sessions x 10)", 0.500, usage))
+
+        huge = work / "huge.db"
+        huge_sessions = 20_000 if args.quick else 1_000_000
+        started = time.perf_counter()
+        build_database(huge, huge_sessions, 2, rng)
+        print(f"built {huge_sessions:,} sessions x 2 messages in {time.perf_counter() - started:.1f} s",
+              file=sys.stderr)
+        rows.append(timing_row(f"sessions list --limit 20 ({huge_sessions:,} sessions x 2)", 0.150,
+                               repeat([*cli, "sessions", "list", "--limit", "20"],
+                                      {**env, "SYNAPSE_DATABASE_URL": str(huge)}, runs)))
+        huge.unlink()
         # SPEC 12: export, import and backup of the whole history (a few runs
         # each: they take seconds).
         heavy_runs = max(runs // 3, 1)

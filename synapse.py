@@ -9,14 +9,17 @@ The module reads top to bottom in the order data flows:
 
 1. errors, streams    -- one exception hierarchy, the exit statuses, and the
                          two writers every message goes through
-2. data types         -- roles, sessions, messages, cleanup records
-3. configuration      -- the TOML file, providers and where the database is
+2. data types         -- roles, sessions, messages, exchanges, filters
+3. configuration      -- the TOML file, providers, roles, prices, the database
 4. storage            -- the SessionStore protocol, migrations, SqliteStore
-5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo
-6. chat flow          -- a Conversation: store, send, stream, store
+5. providers          -- the event-stream parser, HTTP, OpenAI, Anthropic, echo,
+                         stream_chat (the one entry point) and the model lists
+6. chat flow          -- a Conversation: store, send (or retry), stream, store;
+                         undo and fork; the message from MESSAGE, pipe and files
 7. portability        -- the JSON a session is written as, and the readers of
                          Synapse, ChatGPT and llm files to import
-8. command line       -- argparse, the chat and ``sessions`` commands, the REPL
+8. command line       -- argparse; the chat, ``sessions``, ``usage`` and
+                         ``models`` commands; the editor; the REPL
 9. main               -- the one place that maps exceptions to exit codes
 
 The contract it honours is SPEC.md.  ``requests`` is imported only when a
@@ -364,6 +367,26 @@ class SearchHit(namedtuple("SearchHit", "session snippet")):
     __slots__ = ()
 
 
+class SessionFilter(namedtuple("SessionFilter", "since until provider model role",
+                               defaults=(None, None, None, None, None))):
+    """What a listing is narrowed to (SPEC §3, §11): ``since`` (inclusive) and
+    ``until`` (exclusive) UTC datetimes, ``provider`` and ``model`` names, and
+    for search the ``role`` of the matching message; None is no limit."""
+
+    __slots__ = ()
+
+
+def exchanges_start(roles: Sequence[Role], count: int) -> int:
+    """Where the last ``count`` exchanges begin among a session's messages
+    (given by their roles, in order).  An exchange is a user message and every
+    message after it up to the next user message (SPEC §10); what comes
+    before the first user message belongs to none and is never counted."""
+    starts = [i for i, role in enumerate(roles) if role == Role.USER]
+    if count <= 0 or not starts:
+        return len(roles)
+    return starts[-min(count, len(starts))]
+
+
 PREVIEW_LENGTH = 50
 
 
@@ -384,14 +407,16 @@ def shorten(text: str, limit: int) -> str:
 
 
 class ProviderSettings(namedtuple("ProviderSettings", "name kind base_url model api_key_env api_key"
-                                                      " needs_key max_tokens_field",
-                                  defaults=(None, None, False, "max_tokens"))):
+                                                      " needs_key max_tokens_field stream_usage",
+                                  defaults=(None, None, False, "max_tokens", False))):
     """One provider as built in and as the config file amends it.
 
     ``kind`` is "openai", "anthropic" or "echo"; ``base_url``, ``api_key_env``
     and ``api_key`` are str or None; ``needs_key`` is a bool.  The built-in
     openai provider's ``max_tokens_field`` is max_completion_tokens: newer
     OpenAI models reject max_tokens, while other compatible servers only know it.
+    ``stream_usage``: whether a streamed request asks for token counts
+    (``stream_options``), which some compatible servers refuse.
     """
 
     __slots__ = ()
@@ -402,17 +427,19 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderSettings] = MappingProxyType({
     for p in (
         ProviderSettings(
             "deepseek", "openai", "https://api.deepseek.com", "deepseek-chat",
-            "DEEPSEEK_API_KEY", needs_key=True,
+            "DEEPSEEK_API_KEY", needs_key=True, stream_usage=True,
         ),
         ProviderSettings(
             "openai", "openai", "https://api.openai.com/v1", "gpt-4o-mini",
             "OPENAI_API_KEY", needs_key=True, max_tokens_field="max_completion_tokens",
+            stream_usage=True,
         ),
         ProviderSettings(
             "anthropic", "anthropic", "https://api.anthropic.com", "claude-sonnet-4-5",
             "ANTHROPIC_API_KEY", needs_key=True,
         ),
-        ProviderSettings("ollama", "openai", "http://localhost:11434/v1", "llama3.2"),
+        ProviderSettings("ollama", "openai", "http://localhost:11434/v1", "llama3.2",
+                         stream_usage=True),
         ProviderSettings("echo", "echo", None, "echo"),
     )
 })
@@ -430,6 +457,8 @@ _CONFIG_DEFAULTS: Mapping[str, object] = MappingProxyType({
     "system_prompt": None,
     "providers": MappingProxyType({}),  # [providers.NAME] tables, as read
     "session": SessionConfig(),
+    "prices": MappingProxyType({}),  # model: Price, from the [prices."MODEL"] tables
+    "roles": MappingProxyType({}),  # name: RoleSettings, from the [roles.NAME] tables
 })
 
 
@@ -439,8 +468,8 @@ class Config(namedtuple("Config", _CONFIG_DEFAULTS, defaults=_CONFIG_DEFAULTS.va
     __slots__ = ()
 
 
-class Provider(namedtuple("Provider", "name kind base_url model api_key max_tokens_field",
-                          defaults=("max_tokens",))):
+class Provider(namedtuple("Provider", "name kind base_url model api_key max_tokens_field stream_usage",
+                          defaults=("max_tokens", False))):
     """The provider in force for one turn: everything a client needs
     (``base_url`` and ``api_key`` may be None)."""
 
@@ -471,6 +500,8 @@ TOP_LEVEL_KEYS: Mapping[str, tuple] = MappingProxyType({
     "system_prompt_file": (str,),
     "providers": (dict,),
     "session": (dict,),
+    "prices": (dict,),
+    "roles": (dict,),
 })
 PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "kind": (str,),
@@ -478,6 +509,15 @@ PROVIDER_KEYS: Mapping[str, tuple] = MappingProxyType({
     "api_key": (str,),
     "api_key_env": (str,),
     "model": (str,),
+    "stream_usage": (bool,),
+})
+PRICE_KEYS: Mapping[str, tuple] = MappingProxyType({"input": _NUMBER, "output": _NUMBER})
+ROLE_KEYS: Mapping[str, tuple] = MappingProxyType({
+    "system_prompt": (str,),
+    "system_prompt_file": (str,),
+    "provider": (str,),
+    "model": (str,),
+    "temperature": _NUMBER,
 })
 SESSION_KEYS: Mapping[str, tuple] = MappingProxyType({
     "database_url": (str,),
@@ -494,6 +534,8 @@ NUMBER_RULES: Mapping[str, Tuple[Callable[[Any], bool], str]] = MappingProxyType
     "temperature": (lambda v: 0 <= v <= 2, "a number from 0 to 2"),
     "timeout": (lambda v: 0 < v <= 86400, "more than 0 and at most 86400 (seconds)"),
     "max_sessions": (lambda v: v >= 0, "0 or more"),
+    "input": (lambda v: 0 <= v < float("inf"), "a number, 0 or more (per million tokens)"),
+    "output": (lambda v: 0 <= v < float("inf"), "a number, 0 or more (per million tokens)"),
     "retention_days": (lambda v: 0 <= v <= 36500, "from 0 to 36500 (days)"),
 })
 
@@ -539,6 +581,8 @@ def load_config(explicit: Optional[str] = None,
     session = SessionConfig(**_checked_table(top.pop("session", {}), SESSION_KEYS,  # type: ignore[arg-type]
                                              "session.", path))
     providers = _provider_tables(top.pop("providers", {}), path)
+    prices = _price_tables(top.pop("prices", {}), path)
+    roles = _role_tables(top.pop("roles", {}), path)
     prompt_file = top.pop("system_prompt_file", None)
     if prompt_file is not None and "system_prompt" not in top:
         top["system_prompt"] = _read_prompt_file(path, str(prompt_file), "system_prompt_file")
@@ -549,7 +593,7 @@ def load_config(explicit: Optional[str] = None,
 
     numbers = {k: float(top[k]) for k in ("temperature", "timeout") if k in top}
     return Config(path=path, **{**top, **numbers}, providers=providers,  # type: ignore[arg-type]
-                  session=session)
+                  session=session, prices=prices, roles=roles)
 
 
 def _read_toml(path: str, named: bool) -> Optional[Dict[str, Any]]:
@@ -586,6 +630,53 @@ def _provider_tables(tables: Mapping[str, object], path: str) -> Dict[str, Mappi
                 f"{path}: 'providers.{name}.kind' must be \"openai\" or \"anthropic\"")
         providers[name] = entry
     return providers
+
+
+class Price(namedtuple("Price", "input output")):
+    """What a model costs per million input and output tokens (floats), in
+    whatever currency the user writes prices in."""
+
+    __slots__ = ()
+
+
+def _price_tables(tables: Mapping[str, object], path: str) -> Dict[str, Price]:
+    prices: Dict[str, Price] = {}
+    for model, table in tables.items():
+        where = f"prices.{json.dumps(model)}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{where}' must be a table with input and output")
+        entry = _checked_table(table, PRICE_KEYS, f"{where}.", path)
+        missing = [k for k in PRICE_KEYS if k not in entry]
+        if missing:
+            raise ConfigError(f"{path}: '{where}' needs {' and '.join(missing)} (per million tokens)")
+        prices[model] = Price(float(entry["input"]), float(entry["output"]))  # type: ignore[arg-type]
+    return prices
+
+
+class RoleSettings(namedtuple("RoleSettings", "system_prompt system_prompt_file provider model"
+                                              " temperature config_path")):
+    """A ``[roles.NAME]`` table (``--role NAME``): each field str, a float
+    ``temperature``, or None; the prompt file is read when the role is used."""
+
+    __slots__ = ()
+
+    def prompt(self) -> Optional[str]:
+        """The role's system prompt: ``system_prompt``, else its file's text."""
+        if self.system_prompt is not None or self.system_prompt_file is None:
+            return self.system_prompt
+        return _read_prompt_file(self.config_path, self.system_prompt_file, "system_prompt_file")
+
+
+def _role_tables(tables: Mapping[str, object], path: str) -> Dict[str, RoleSettings]:
+    roles: Dict[str, RoleSettings] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: 'roles.{name}' must be a table")
+        entry = _checked_table(table, ROLE_KEYS, f"roles.{name}.", path)
+        if "temperature" in entry:
+            entry["temperature"] = float(entry["temperature"])  # type: ignore[arg-type]
+        roles[name] = RoleSettings(**{k: entry.get(k) for k in ROLE_KEYS}, config_path=path)
+    return roles
 
 
 def _read_prompt_file(config_path: str, name: str, key: str) -> str:
@@ -650,7 +741,7 @@ def resolve_provider(config: Config, name: Optional[str], model: Optional[str],
     if settings.base_url is not None:
         _check_base_url(settings.base_url, settings.name, where)
     return Provider(settings.name, settings.kind, settings.base_url, chosen_model, key,
-                    settings.max_tokens_field)
+                    settings.max_tokens_field, settings.stream_usage)
 
 
 def _check_base_url(url: str, provider: str, where: str) -> None:
@@ -741,8 +832,9 @@ class SessionStore(Protocol):
     def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
         """The session, or None."""
 
-    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
-        """Summaries, most recently updated first."""
+    def list_sessions(self, limit: Optional[int] = None,
+                      where: SessionFilter = SessionFilter()) -> List[SessionSummary]:
+        """Summaries, most recently updated first (``where`` filters them)."""
 
     def touch_session(self, session_id: uuid.UUID) -> None:
         """Set ``updated_at`` to now; SessionNotFound if absent."""
@@ -1072,6 +1164,31 @@ def _casefold_contains(content: Optional[str], needle: str) -> bool:
     return content is not None and needle in content.casefold()
 
 
+def _filter_sql(where: SessionFilter, time_column: str, table: str) -> Tuple[str, Dict[str, object]]:
+    """``where`` as SQL conditions (each after an AND) on ``time_column`` and
+    the provider and model of ``table``, and their parameters."""
+    conditions, params = "", {}
+    for name, column, value, operator in (
+            ("since", time_column, where.since, ">="), ("until", time_column, where.until, "<"),
+            ("provider", f"{table}.provider", where.provider, "="),
+            ("model", f"{table}.model", where.model, "=")):
+        if value is not None:
+            conditions += f" AND {column} {operator} :{name}"
+            params[name] = format_timestamp(value) if isinstance(value, datetime) else value
+    return conditions, params
+
+
+# How ``synapse usage --by`` groups replies: local days and months, as the
+# user's clock reads them (SQLite's localtime follows TZ, as Python's does).
+USAGE_GROUPS: Mapping[str, str] = MappingProxyType({
+    "model": "m.model",
+    "provider": "m.provider",
+    "day": "date(m.timestamp, 'localtime')",
+    "month": "strftime('%Y-%m', m.timestamp, 'localtime')",
+    "session": "m.session_id",
+})
+
+
 def _cleanup_choices(conn: sqlite3.Connection, config: SessionConfig, protect: Optional[uuid.UUID],
                      sessions: str = "sessions"
                      ) -> Tuple[int, List[Tuple[str, str, Mapping[str, object]]]]:
@@ -1291,11 +1408,13 @@ class SqliteStore:
                           (_key(session_id),))
         return _session_from_row(rows[0]) if rows else None
 
-    def list_sessions(self, limit: Optional[int] = None) -> List[SessionSummary]:
+    def list_sessions(self, limit: Optional[int] = None,
+                      where: SessionFilter = SessionFilter()) -> List[SessionSummary]:
+        conditions, params = _filter_sql(where, "s.updated_at", "s")
         rows = self._read(
-            f"SELECT {_SUMMARY_COLUMNS} FROM sessions s"
-            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT ?",
-            (-1 if limit is None else limit,))
+            f"SELECT {_SUMMARY_COLUMNS} FROM sessions s WHERE 1{conditions}"
+            " ORDER BY s.updated_at DESC, s.rowid DESC LIMIT :limit",
+            {**params, "limit": -1 if limit is None else limit})
         return [_summary_from_row(r) for r in rows]
 
     def touch_session(self, session_id: uuid.UUID) -> None:
@@ -1493,8 +1612,41 @@ class SqliteStore:
         with self._write() as conn:
             _touch(conn, _key(session_id), provider=provider, model=model)
 
-    def search_sessions(self, text: str, limit: Optional[int] = None) -> List[SearchHit]:
-        """Sessions with a message containing ``text``, newest first.
+    def undo(self, session_id: uuid.UUID, count: int) -> List[StoredMessage]:
+        """Remove the session's last ``count`` exchanges and return them; the
+        choice is made under the write lock, so two undos never remove one
+        exchange twice."""
+        key = _key(session_id)
+        with self._write() as conn:
+            messages = [_message_from_row(r) for r in conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY rowid", (key,))]
+            removed = messages[exchanges_start([m.role for m in messages], count):]
+            conn.executemany("DELETE FROM messages WHERE id = ?", [(_key(m.id),) for m in removed])
+            _touch(conn, key)
+        return removed
+
+    def replace_reply(self, asked: StoredMessage, reply: StoredMessage) -> None:
+        """Make ``reply`` the one answer to the user message ``asked`` (a
+        retry): what followed it goes, in the same transaction that stores the
+        reply.  Refused when the session went on past ``asked`` meanwhile."""
+        key = _key(asked.session_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT rowid FROM messages WHERE id = ? AND session_id = ?",
+                               (_key(asked.id), key)).fetchone()
+            later = row and conn.execute(
+                "SELECT 1 FROM messages WHERE session_id = ? AND rowid > ? AND role = 'user'",
+                (key, row[0])).fetchone()
+            if row is None or later:
+                raise StorageError("the session changed while the retry ran (its last message "
+                                   "went or another came); the new reply was not stored")
+            conn.execute("DELETE FROM messages WHERE session_id = ? AND rowid > ?", (key, row[0]))
+            _touch(conn, key)
+            _insert_messages(conn, [reply])
+
+    def search_sessions(self, text: str, limit: Optional[int] = None,
+                        where: SessionFilter = SessionFilter()) -> List[SearchHit]:
+        """Sessions with a message containing ``text``, newest first; ``where``
+        narrows the sessions and the role of the message.
 
         An ASCII needle uses LIKE, which SQLite runs in C and which ignores
         ASCII case; any other needle is matched with Python's ``casefold`` so
@@ -1514,22 +1666,38 @@ class SqliteStore:
             self._conn.create_function("casefold_contains", 2, _casefold_contains,
                                        deterministic=True)
             condition, needle = "casefold_contains(m.content, :needle)", text.casefold()
+        if where.role is not None:
+            condition += " AND m.role = :role"
+        sessions, params = _filter_sql(where, "s.updated_at", "s")
         first_hit = (f"(SELECT m.content FROM messages m WHERE m.session_id = s.id"
                      f" AND {condition} ORDER BY m.rowid LIMIT 1)")
         newest_first = "ORDER BY s.updated_at DESC, s.rowid DESC"
-        params = {"needle": needle, "limit": -1 if limit is None else limit}
+        params.update(needle=needle, role=where.role, limit=-1 if limit is None else limit)
         rows = None
         if limit is not None:
             rows = self._read_bounded(
                 f"SELECT * FROM (SELECT {_SUMMARY_COLUMNS}, {first_hit} AS hit"
-                f" FROM sessions s {newest_first}) WHERE hit IS NOT NULL LIMIT :limit",
-                params, SEARCH_WALK_BUDGET)
+                f" FROM sessions s WHERE 1{sessions} {newest_first}) WHERE hit IS NOT NULL"
+                f" LIMIT :limit", params, SEARCH_WALK_BUDGET)
         if rows is None:
             rows = self._read(
                 f"SELECT {_SUMMARY_COLUMNS}, {first_hit} FROM sessions s"
-                f" WHERE s.id IN (SELECT m.session_id FROM messages m WHERE {condition})"
+                f" WHERE s.id IN (SELECT m.session_id FROM messages m WHERE {condition}){sessions}"
                 f" {newest_first} LIMIT :limit", params)
         return [SearchHit(_summary_from_row(r[:8]), make_snippet(r[8], text)) for r in rows]
+
+    def usage(self, by: str, where: SessionFilter) -> List[tuple]:
+        """Sums over the replies (assistant messages) ``where`` selects, by
+        their timestamp: rows of (group, model, replies, replies without counts,
+        input tokens, output tokens, and by session the session's name), one
+        per group and model."""
+        conditions, params = _filter_sql(where, "m.timestamp", "m")
+        join = " LEFT JOIN sessions s ON s.id = g.grp" if by == "session" else ""
+        return self._read(
+            f"SELECT g.*, {'s.name' if join else 'NULL'} FROM (SELECT {USAGE_GROUPS[by]} AS grp,"
+            " m.model, count(*), sum(m.input_tokens IS NULL AND m.output_tokens IS NULL),"
+            " coalesce(sum(m.input_tokens), 0), coalesce(sum(m.output_tokens), 0)"
+            f" FROM messages m WHERE m.role = 'assistant'{conditions} GROUP BY 1, 2) g{join}", params)
 
     def _read_bounded(self, sql: str, params: Mapping[str, object],
                       budget: int) -> Optional[List[tuple]]:
@@ -1823,8 +1991,12 @@ def send_request(provider: Provider, method: str, path: str, headers: Mapping[st
         content = b"".join(iter_response_bytes(response, timeout))
     except (ProviderFault, _Retry):
         content = b""
-    fault = ProviderFault(describe_http_error(response.status_code, response.reason or "", content,
-                                              response.headers.get("content-type", "")))
+    text = describe_http_error(response.status_code, response.reason or "", content,
+                               response.headers.get("content-type", ""))
+    if payload and "stream_options" in payload and b"stream_options" in content:
+        text += (f"; this server does not take stream_options: set stream_usage = false "
+                 f"under [providers.{provider.name}] in the config")
+    fault = ProviderFault(text)
     if response.status_code in RETRY_STATUSES and not _is_permanent(response.status_code, content):
         raise _Retry(fault, {k.lower(): v for k, v in response.headers.items()})
     raise fault
@@ -1943,6 +2115,8 @@ def openai_payload(provider: Provider, request: ChatRequest) -> Dict[str, object
                                   provider.max_tokens_field: request.max_tokens}
     if request.temperature is not None:
         payload["temperature"] = request.temperature
+    if request.stream and provider.stream_usage:
+        payload["stream_options"] = {"include_usage": True}  # the counts come in a last chunk
     return payload
 
 
@@ -2106,49 +2280,99 @@ PROTOCOLS: Mapping[str, ChatProtocol] = MappingProxyType({
 })
 
 
+def with_retries(call: Callable[[], Any]) -> Any:
+    """``call()``; after a _Retry, again (at most MAX_RETRIES times), waiting
+    ``retry_delay`` first."""
+    for attempt in itertools.count():
+        try:
+            return call()
+        except _Retry as retry:
+            if attempt >= MAX_RETRIES:
+                raise retry.fault from None
+            time.sleep(retry_delay(attempt, retry.headers))
+
+
 def stream_chat(provider: Provider, request: ChatRequest) -> Iterator[Reply]:
     """The provider's reply to ``request`` as it arrives: text pieces (str),
     and Usage records (token counts, the stop reason) where the protocol
     reports them.
 
     The one entry point to every protocol.  Connection errors and the
-    RETRY_STATUSES are retried up to MAX_RETRIES times, also a connection that
-    drops before the first piece of text, but never once text is out.  A reply
-    without any text is an error.  Every ProviderFault below leaves as a
-    ProviderError naming the provider.
+    RETRY_STATUSES are retried, also a connection that drops before the first
+    piece of text, but never once text is out.  A reply without any text is
+    an error.  Every ProviderFault below leaves as a ProviderError naming the
+    provider.
     """
     if provider.kind == "echo":
         yield from echo_reply(request)
         return
     protocol = PROTOCOLS[provider.kind]
     payload = protocol.payload(provider, request)
-    try:
-        for attempt in itertools.count():
-            started, stop_reason = False, None
-            try:
-                response = send_request(provider, "POST", protocol.path,
-                                        protocol.headers(provider), payload,
-                                        request.timeout, request.stream)
-                if _response_kind(response) == "json":
-                    reply = protocol.body(read_json_body(response, request.timeout))
-                else:
-                    reply = protocol.events(iter_events(response, request.timeout))
-                for item in reply:
-                    if isinstance(item, Usage):
-                        stop_reason = item.stop_reason or stop_reason
-                    elif item:
-                        started = True
-                    yield item
+
+    def up_to_the_first_text() -> Tuple[List[Reply], Iterator[Reply]]:
+        response = send_request(provider, "POST", protocol.path, protocol.headers(provider),
+                                payload, request.timeout, request.stream)
+        if _response_kind(response) == "json":
+            reply = protocol.body(read_json_body(response, request.timeout))
+        else:
+            reply = protocol.events(iter_events(response, request.timeout))
+        head: List[Reply] = []
+        for item in reply:
+            head.append(item)
+            if isinstance(item, str) and item:
                 break
-            except _Retry as retry:
-                if started or attempt >= MAX_RETRIES:
-                    raise retry.fault from None
-                time.sleep(retry_delay(attempt, retry.headers))
-        if not started:
+        return head, reply
+
+    try:
+        head, rest = with_retries(up_to_the_first_text)
+        yield from head
+        if not any(isinstance(item, str) and item for item in head):
+            stop_reason = next((i.stop_reason for i in reversed(head) if i.stop_reason), None)
             because = f" (stop reason: {stop_reason})" if stop_reason else ""
             raise ProviderFault(f"sent a reply without any text{because}")
+        try:
+            yield from rest
+        except _Retry as retry:  # text is out: too late to ask again
+            raise retry.fault from None
     except ProviderFault as fault:
         raise ProviderError(f"{provider.name} {fault}") from None
+
+
+def list_models(provider: Provider, timeout: float) -> List[str]:
+    """The IDs of the models the provider offers (SPEC §11): OpenAI-compatible
+    ``/models``, Anthropic's ``/v1/models`` page by page; echo has one."""
+    if provider.kind == "echo":
+        return ["echo"]
+    anthropic = provider.kind == "anthropic"
+    headers = anthropic_headers(provider) if anthropic else openai_headers(provider)
+    models: List[str] = []
+    after = None
+    try:
+        while True:
+            path = "/models"
+            if anthropic:
+                path = "/v1/models?limit=1000" + (f"&after_id={after}" if after else "")
+            page = with_retries(lambda: read_json_body(
+                _json_response(send_request(provider, "GET", path, headers, None, timeout, False)),
+                timeout))
+            data = page.get("data", "missing")
+            data = [] if data is None else data  # Ollama with no model pulled
+            if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                       for m in data):
+                raise ProviderFault(f"sent a model list without a list of models: {_sample(page)}")
+            models += [m["id"] for m in data]
+            after = page.get("last_id")
+            if not (anthropic and page.get("has_more") and after):
+                return models
+    except ProviderFault as fault:
+        raise ProviderError(f"{provider.name} {fault}") from None
+
+
+def _json_response(response):
+    if _response_kind(response) != "json":
+        response.close()
+        raise ProviderFault("answered with something that is not JSON (is base_url right?)")
+    return response
 
 
 def echo_reply(request: ChatRequest) -> Iterator[Reply]:
@@ -2171,20 +2395,23 @@ def echo_reply(request: ChatRequest) -> Iterator[Reply]:
 # its history, the provider and the request options.  ``Conversation.send``
 # is one turn: commit the user message, stream the reply to ``out`` as it
 # arrives, keep the reply -- also a partial one when the user presses Ctrl-C
-# or the provider fails mid-reply.  It writes only the reply to ``out``.
+# or the provider fails mid-reply; ``retry`` asks again.  It writes only the
+# reply, to ``out``; it reads files the user names, and nothing else prints.
 # ---------------------------------------------------------------------------
 
 
 LATEST_SESSION = object()  # ChatPlan.session for -C: the most recently updated one
 
 
-class ChatPlan(namedtuple("ChatPlan", "session provider model system_prompt name stream")):
+class ChatPlan(namedtuple("ChatPlan", "session provider model system_prompt name temperature"
+                                       " stream save")):
     """What the command line asks of a chat, read once from its flags.
 
     ``session`` is an ID as the user typed it, LATEST_SESSION, or None for a
     new session; ``provider`` and ``model`` are names or None (the defaults);
     ``system_prompt`` and ``name`` (str or None) shape a new session;
-    ``stream`` is a bool.
+    ``temperature`` (a role's) replaces the config's when not None;
+    ``stream`` and ``save`` (False: --no-save, nothing is written) are bools.
     """
 
     __slots__ = ()
@@ -2227,104 +2454,210 @@ def load_session(store: SqliteStore, text: object) -> Session:
     return session
 
 
-def open_store(config: Config) -> SqliteStore:
-    """The store SPEC §4 places: ``SYNAPSE_DATABASE_URL``, else the config's."""
-    return SqliteStore(database_path(None, os.environ, config.session.database_url))
+def open_store(config: Config, create: bool = True) -> SqliteStore:
+    """The store SPEC §4 places: ``SYNAPSE_DATABASE_URL``, else the config's.
+    Unless ``create``, a database that is not there yet is not made."""
+    path = database_path(None, os.environ, config.session.database_url)
+    if not create and not os.path.exists(path):
+        raise SessionNotFound(None, f"there is no session to continue: {path} does not exist yet")
+    return SqliteStore(path)
 
 
 class Conversation:
     """A session as the chat flow holds it: its record, its messages so far,
-    the provider in force and the request options.
+    the provider in force and the plan's request options.
 
     A new session is stored together with its first message, in one
-    transaction: until then ``stored`` is False.
+    transaction: until then ``stored`` is False.  Under a plan that does not
+    ``save`` (--no-save) everything happens in memory only; ``store`` is then
+    None, or the store the history was read from.
     """
 
-    def __init__(self, store: SqliteStore, session: Session, history: List[StoredMessage],
-                 provider: Provider, config: Config, stream: bool, stored: bool):
+    def __init__(self, store: Optional[SqliteStore], session: Session, history: List[StoredMessage],
+                 provider: Provider, config: Config, plan: ChatPlan, stored: bool):
         self.store, self.session, self.history = store, session, history
-        self.provider, self.config, self.stream, self.stored = provider, config, stream, stored
+        self.provider, self.config, self.plan, self.stored = provider, config, plan, stored
 
     def __enter__(self) -> "Conversation":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
-    def start_new(self, system_prompt: Optional[str], name: Optional[str]) -> None:
-        """Go on in a new session (stored with its first message)."""
-        self.session = Session.new(self.provider.name, self.provider.model, system_prompt, name)
+    @property
+    def saving(self) -> bool:
+        return self.plan.save and self.store is not None
+
+    def start_new(self) -> None:
+        """Go on in a new session, shaped as the plan says (stored with its first message)."""
+        plan = self.plan
+        self.session = Session.new(self.provider.name, self.provider.model,
+                                   plan.system_prompt or self.config.system_prompt, plan.name)
         self.history, self.stored = [], False
 
-    def request(self) -> ChatRequest:
-        config = self.config
+    def request(self, upto: int) -> ChatRequest:
+        """What the first ``upto`` messages of the history send."""
+        config, plan = self.config, self.plan
+        temperature = config.temperature if plan.temperature is None else plan.temperature
         return ChatRequest(self.session.system_prompt,
-                           [(m.role.value, m.content) for m in self.history if m.role != Role.SYSTEM],
-                           config.max_tokens, config.temperature, config.timeout, self.stream)
+                           [(m.role.value, m.content) for m in self.history[:upto]
+                            if m.role != Role.SYSTEM],
+                           config.max_tokens, temperature, config.timeout, plan.stream)
 
-    def send(self, text: str, out: Callable[[str], None]) -> str:
+    def send(self, text: str, out: Callable[[str], None]) -> Optional[StoredMessage]:
         """SPEC §6 steps 6 to 9: store ``text``, give each piece of the reply
         to ``out`` as it arrives, store the reply -- what arrived of it,
-        whatever ends the stream."""
+        whatever ends the stream -- with who wrote it, its tokens and why it
+        ended (SPEC §11).  Returns the stored reply."""
         self._keep(StoredMessage.new(self.session.id, Role.USER, text))  # before the network
+        return self._answer(len(self.history) - 1, out, retry=False)
+
+    def last_question(self) -> Optional[int]:
+        """Where the last user message is in the history (None: there is none)."""
+        return next((i for i in range(len(self.history) - 1, -1, -1)
+                     if self.history[i].role == Role.USER), None)
+
+    def retry(self, out: Callable[[str], None]) -> Optional[StoredMessage]:
+        """Ask again for the last user message (SPEC §10).  A complete new
+        reply replaces what followed it, in one transaction; when it had no
+        reply, the new one is kept as any reply is, partial included."""
+        asked = self.last_question()
+        if asked is None:
+            raise SynapseError("nothing to retry: the session has no message of yours")
+        return self._answer(asked, out, retry=True)
+
+    def _answer(self, asked: int, out: Callable[[str], None], retry: bool) -> Optional[StoredMessage]:
+        """Stream the reply to the history up to its message ``asked`` and keep it."""
+        answered = asked < len(self.history) - 1  # a retry would replace a reply
         pieces: List[str] = []
-        complete = False
+        usage, ending = Usage(), "error"
+        reply: Optional[StoredMessage] = None
         try:
-            for item in stream_chat(self.provider, self.request()):
-                if isinstance(item, str):
+            for item in stream_chat(self.provider, self.request(asked + 1)):
+                if isinstance(item, Usage):
+                    usage = usage.merged(item)
+                else:
                     pieces.append(item)
                     out(item)
-            complete = True
+            ending = ""
+        except (KeyboardInterrupt, Terminated, BrokenPipeError, OutputError):
+            ending = "interrupted"
+            raise
         except ProviderError as exc:
             if pieces:
-                raise ProviderError(f"{exc}; the partial reply was kept") from None
-            raise
+                kept = "the old reply was kept" if answered else "the partial reply was kept"
+                raise ProviderError(f"{exc}; {kept}") from None
+            warning = cut_off_warning(usage.stop_reason, self.config.max_tokens)
+            raise ProviderError(f"{exc}\nsynapse: warning: {warning}" if warning else str(exc)) from None
         finally:
-            reply = "".join(pieces)
-            if reply:
-                self._keep(StoredMessage.new(self.session.id, Role.ASSISTANT, reply))
-            if complete:
+            if pieces and not (ending and answered):  # a retry keeps the old reply over a partial one
+                reply = StoredMessage.new(
+                    self.session.id, Role.ASSISTANT, "".join(pieces), provider=self.provider.name,
+                    model=self.provider.model, input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens, stop_reason=ending or usage.stop_reason)
+                if retry:
+                    if self.saving:
+                        self.store.replace_reply(self.history[asked], reply)
+                    self.history[asked + 1:] = [reply]
+                else:
+                    self._keep(reply)
+            if not ending:
                 out("\n")
-            elif reply:  # the line ends before the news of what ended the reply
+            elif pieces:  # the line ends before the news of what ended the reply
                 with contextlib.suppress(SynapseError, OSError):
                     out("\n")
         return reply
 
     def _keep(self, message: StoredMessage) -> None:
-        if self.stored:
-            self.store.add_message(message)
-        else:
-            self.store.create_session(self.session, [message])
-            self.stored = True
+        if self.saving:
+            if self.stored:
+                self.store.add_message(message)
+            else:
+                self.store.create_session(self.session, [message])
+        self.stored = True
         self.history.append(message)
+
+    def undo(self, count: int) -> List[StoredMessage]:
+        """Remove the last ``count`` exchanges; returns what went."""
+        if not self.stored:
+            return []
+        if not self.saving:
+            cut = exchanges_start([m.role for m in self.history], count)
+            removed, self.history = self.history[cut:], self.history[:cut]
+            return removed
+        removed = self.store.undo(self.session.id, count)
+        self.history = self.store.get_messages(self.session.id)
+        return removed
+
+    def fork(self) -> None:
+        """Go on in a fork of the session (SPEC §10)."""
+        if not self.stored:
+            raise SynapseError("nothing to fork yet: the session starts with your first message")
+        self.session, self.history = forked(self.session, self.history, 0, None)
+        if self.saving:
+            self.store.create_session(self.session, self.history)
+
+    def rename(self, name: Optional[str]) -> None:
+        if self.stored and self.saving:
+            self.store.rename_session(self.session.id, name)
+        self.session = self.session._replace(name=name)
+
+
+def forked(session: Session, messages: Sequence[StoredMessage], undo: int,
+           name: Optional[str]) -> Tuple[Session, List[StoredMessage]]:
+    """A fork of ``session`` (not stored): its provider, model and system
+    prompt, ``forked_from`` its ID, copies of its messages but the last
+    ``undo`` exchanges (new IDs; roles, text, times and SPEC §11 fields kept);
+    named ``name``, else after the source (SPEC §10)."""
+    kept = messages[:exchanges_start([m.role for m in messages], undo)]
+    if name is None:
+        first = next((m.content for m in messages if m.role == Role.USER), None)
+        title = session.name or (shorten(first, PREVIEW_LENGTH) if first else None)
+        name = f"{title} (fork)" if title else f"fork of {str(session.id)[:8]}"
+    fork = Session.new(session.provider, session.model, session.system_prompt, name)
+    fork = fork._replace(forked_from=session.id)
+    return fork, [m._replace(id=new_message_id(), session_id=fork.id) for m in kept]
+
+
+def cut_off_warning(stop_reason: Optional[str], max_tokens: int) -> Optional[str]:
+    """What to say when the token limit cut a reply short (SPEC §11)."""
+    if stop_reason not in ("length", "max_tokens"):
+        return None
+    return f"the reply was cut off at max_tokens ({max_tokens}); raise max_tokens in the config"
 
 
 def open_conversation(plan: ChatPlan, config: Config) -> Conversation:
     """SPEC §6 steps 1 and 3 to 5: the provider, the store, the automatic
-    cleanup, and the session to talk in, continued or new."""
+    cleanup, and the session to talk in, continued or new.  A plan that does
+    not save opens no store for a new session, and reads a continued one
+    without writing (no cleanup, no model switch stored)."""
     if plan.session is None:
         # Resolved before the store opens: a missing key leaves no trace.
         provider = resolve_provider(config, plan.provider, plan.model)
-        store = open_store(config)
-        with _closed_on_error(store):
-            if config.session.auto_cleanup:
-                store.cleanup(config.session)
-        session = Session.new(provider.name, provider.model,
-                              plan.system_prompt or config.system_prompt, plan.name)
-        return Conversation(store, session, [], provider, config, plan.stream, stored=False)
-    store = open_store(config)
+        store = open_store(config) if plan.save else None
+        if store is not None:
+            with _closed_on_error(store):
+                if config.session.auto_cleanup:
+                    store.cleanup(config.session)
+        conversation = Conversation(store, Session.new(provider.name, provider.model), [],
+                                    provider, config, plan, stored=False)
+        conversation.start_new()
+        return conversation
+    store = open_store(config, create=plan.save)
     with _closed_on_error(store):
         session = load_session(store, plan.session)
         # -p without -m: that provider's own model, not the session's.
         provider = resolve_provider(config, plan.provider or session.provider,
                                     plan.model or (None if plan.provider else session.model))
-        if config.session.auto_cleanup:
+        if plan.save and config.session.auto_cleanup:
             store.cleanup(config.session, protect=session.id)
         if (provider.name, provider.model) != (session.provider, session.model):
-            store.switch_model(session.id, provider.name, provider.model)
+            if plan.save:
+                store.switch_model(session.id, provider.name, provider.model)
             session = session._replace(provider=provider.name, model=provider.model)
         return Conversation(store, session, store.get_messages(session.id), provider, config,
-                            plan.stream, stored=True)
+                            plan, stored=True)
 
 
 @contextlib.contextmanager
@@ -2341,16 +2674,46 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def read_message(argument: Optional[str], stdin: Optional[TextIO]) -> str:
-    """MESSAGE, piped stdin, or both: the piped text, a blank line, MESSAGE."""
-    parts = []
-    if stdin is not None and not stdin.isatty():
-        piped = stdin.buffer.read().decode("utf-8", "replace").rstrip()
-        if piped:
-            parts.append(piped)
-    if argument is not None:
-        parts.append(clean_text(argument))
-    message = "\n\n".join(parts)
+def piped_text(stdin: Optional[TextIO]) -> str:
+    """What is piped in (read as UTF-8, undecodable bytes as U+FFFD); ""
+    when stdin is a terminal or absent."""
+    if stdin is None or stdin.isatty():
+        return ""
+    return stdin.buffer.read().decode("utf-8", "replace").rstrip()
+
+
+def file_block(path: str) -> str:
+    """A file for a message (SPEC §10): its path as given, then its text in a
+    fence longer than any run of backticks that starts one of its lines."""
+    try:
+        with open(os.path.expanduser(path), "rb") as attached:
+            data = attached.read()
+    except OSError as exc:
+        reason = "is a directory" if isinstance(exc, IsADirectoryError) else f"cannot be read ({exc.strerror})"
+        raise UsageError(f"{path} {reason}; -f attaches a text file") from None
+    try:
+        if b"\0" in data:
+            raise ValueError
+        text = data.decode("utf-8")
+    except ValueError:
+        raise UsageError(f"{path} looks binary (a NUL byte or invalid UTF-8); -f attaches "
+                         f"text files only") from None
+    runs = [len(run) for run in re.findall(r"^`+", text, re.MULTILINE)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    body = text if not text or text.endswith("\n") else text + "\n"
+    return f"{path}\n{fence}\n{body}{fence}"
+
+
+def compose_message(argument: Optional[str], piped: str, files: Sequence[str] = ()) -> str:
+    """SPEC §2 and §10: each file, the piped text, then MESSAGE, a blank line
+    between them, trailing whitespace stripped (possibly empty)."""
+    parts = [file_block(path) for path in files]
+    parts += [piped] if piped else []
+    parts += [clean_text(argument)] if argument is not None else []
+    return "\n\n".join(parts).rstrip()
+
+
+def require_text(message: str) -> str:
     if not message.strip():
         raise UsageError("the message is empty; give one as an argument or pipe text in")
     return message
@@ -3150,10 +3513,11 @@ def read_import(path: str, default_provider: str, database: str) -> Iterator[Imp
 # ---------------------------------------------------------------------------
 # 8. Command line
 #
-# argparse for ``synapse [OPTIONS] [MESSAGE]`` and ``synapse sessions ...``,
-# the handlers, and interactive mode.  Handlers return an exit status or
-# raise a SynapseError; they print, and what they call above prints only the
-# reply (``Conversation.send``) and config warnings.
+# argparse for ``synapse [OPTIONS] [MESSAGE]``, ``synapse sessions ...``,
+# ``usage`` and ``models``; the handlers, the editor, and interactive mode.
+# Handlers return an exit status or raise a SynapseError; they print, and
+# what they call above prints only the reply (``Conversation.send``) and
+# config warnings.
 # ---------------------------------------------------------------------------
 
 
@@ -3170,12 +3534,19 @@ session commands:
   synapse sessions backup FILE
   synapse sessions search TEXT [--limit N] [--json]
   synapse sessions cleanup [--dry-run]
+  synapse sessions undo ID [--count N]
+  synapse sessions fork ID [--undo N] [--name NAME]
+  synapse usage [--since WHEN] [--until WHEN] [--by model|provider|day|month|session]
+  synapse models [-p NAME] [--json]
 
 examples:
   synapse -p echo "Hello"                 try it with no account
   synapse "Explain SQLite WAL mode"       ask the default provider (deepseek)
   cat app.py | synapse "review this"      piped text, a blank line, then MESSAGE
   synapse -C "and in Rust?"               continue the latest session
+  synapse -C --retry                      ask again for your last message
+  synapse -f app.py "what does it do?"    a file, fenced, then the message
+  synapse -n "a question to forget"       store nothing
   synapse -r                              interactive mode
 
 environment:
@@ -3242,7 +3613,41 @@ class CommandLineParser(argparse.ArgumentParser):
     def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
                    namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
         self.argv = list(args or ())
+        # argparse reads "-hello" as -h and more (and Pythons differ in what
+        # they make of it): a message that starts with "-" must follow "--".
+        stray = self.stray_dash_word()
+        if stray is not None:
+            self.error(f"'{stray}' is not an option")
         return super().parse_args(args, namespace)
+
+    def stray_dash_word(self) -> Optional[str]:
+        """The first word before ``--`` that starts with "-" but is no option:
+        neither short flags run together (-Cr, -pecho) nor a known long one.
+        Only the chat parser has messages to mistake for options."""
+        if self.prog != "synapse":
+            return None
+        words = iter(self.argv)
+        for word in words:
+            if word == "--":
+                return None
+            if not word.startswith("-") or word == "-":
+                continue
+            if word.startswith("--"):
+                action = self._option_string_actions.get(word.split("=")[0])
+                if action is None:
+                    return word
+                if action.nargs is None and "=" not in word:
+                    next(words, None)  # its value, whatever it looks like
+                continue
+            for at, letter in enumerate(word[1:], start=2):
+                action = self._option_string_actions.get("-" + letter)
+                if action is None:
+                    return word
+                if action.nargs != 0:  # takes a value: the rest of the word, or the next one
+                    if at == len(word):
+                        next(words, None)
+                    break
+        return None
 
     def _print_message(self, message: str, file: Optional[TextIO] = None) -> None:
         if message:
@@ -3253,11 +3658,12 @@ class CommandLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
-        # "-hello" reads as -h with "ello": a message that starts with "-"
-        # needs "--" before it, which the error line suggests.
-        stray = next((a for a in self.argv if a.startswith("-") and a not in ("-", "--")
-                      and a.split("=")[0] not in self._option_string_actions), None)
-        hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"' if stray else ""
+        hint = ""
+        stray = self.stray_dash_word()
+        if ("--since" in message or "--until" in message) and WHEN_FORMS not in message:
+            hint = f"; WHEN is {WHEN_FORMS}"  # "-3d" is taken for an option
+        elif stray is not None:
+            hint = f'; a message that starts with "-" must follow --: synapse -- "{stray}"'
         note(f"synapse: error: {message}{hint}")
         raise SystemExit(EXIT_USAGE)
 
@@ -3268,14 +3674,22 @@ def _add_config_option(parser: argparse.ArgumentParser, default: object = None) 
                              "$XDG_CONFIG_HOME/synapse/config.toml)")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if not 1 <= value <= 2 ** 63 - 1:  # what SQLite can count to
-        raise argparse.ArgumentTypeError(f"must be from 1 to {2 ** 63 - 1}")
+    if not least <= value <= 2 ** 63 - 1:  # what SQLite can count to
+        raise argparse.ArgumentTypeError(f"must be from {least} to {2 ** 63 - 1}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _count_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def build_chat_parser() -> argparse.ArgumentParser:
@@ -3295,6 +3709,17 @@ def build_chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("-m", "--model", metavar="NAME", help="model for this turn")
     parser.add_argument("--system", metavar="TEXT", help="system prompt for a new session")
     parser.add_argument("--name", metavar="TEXT", help="name for a new session")
+    parser.add_argument("--role", metavar="NAME",
+                        help="a new session shaped by [roles.NAME] in the config: its system "
+                             "prompt, and provider, model and temperature when it sets them")
+    parser.add_argument("-f", "--file", dest="files", action="append", default=[], metavar="PATH",
+                        help="put a text file into the message, fenced (repeatable)")
+    parser.add_argument("-e", "--edit", action="store_true",
+                        help="write the message in $VISUAL or $EDITOR first")
+    parser.add_argument("--retry", action="store_true",
+                        help="with -s or -C: ask again for the session's last message of yours")
+    parser.add_argument("-n", "--no-save", action="store_true",
+                        help="store nothing: no session, no message, no cleanup")
     parser.add_argument("-r", "--repl", action="store_true", help="interactive mode")
     parser.add_argument("--no-stream", action="store_true",
                         help="ask the provider for one non-streaming response")
@@ -3320,6 +3745,7 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     listing = command("list", command_list, "list sessions, most recently updated first")
     listing.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N")
     listing.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_filter_options(listing, "sessions updated")
     show = command("show", command_show, "print a session and its messages")
     show.add_argument("id", metavar="ID", help=an_id)
     show.add_argument("--json", action="store_true", help="print a JSON object")
@@ -3364,23 +3790,97 @@ def build_sessions_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=_positive_int, metavar="N", default=SEARCH_DEFAULT_LIMIT,
                         help=f"show at most N (default {SEARCH_DEFAULT_LIMIT})")
     search.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_filter_options(search, "sessions updated")
+    search.add_argument("--role", choices=("user", "assistant"),
+                        help="only matches in the user's messages, or in the replies")
     cleanup = command("cleanup", command_cleanup,
                       "delete now the sessions that [session] retention_days and "
                       "max_sessions in the config doom (also when auto_cleanup is off)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="delete nothing; list what would go")
+    undo = command("undo", command_undo, "remove a session's last exchanges (a message of "
+                   "yours and what followed it)")
+    undo.add_argument("id", metavar="ID", help=an_id)
+    undo.add_argument("--count", type=_positive_int, default=1, metavar="N",
+                      help="how many exchanges (default 1)")
+    fork = command("fork", command_fork, "copy a session into a new one and print the new ID")
+    fork.add_argument("id", metavar="ID", help=an_id)
+    fork.add_argument("--undo", type=_count_int, default=0, metavar="N",
+                      help="leave out the last N exchanges (default 0)")
+    fork.add_argument("--name", metavar="NAME",
+                      help="its name (default: the source's name or preview, then (fork))")
     return parser
 
 
+WHEN_FORMS = ("a date (2026-12-01: local midnight), an ISO 8601 time (2026-12-01T09:30, "
+              "local unless it ends in Z or an offset) or a span back from now (90m, 36h, 7d, 2w)")
+_SPAN = re.compile(r"([1-9][0-9]{0,8})([mhdw])")
+_SPAN_SECONDS = MappingProxyType({"m": 60, "h": 3600, "d": 86400, "w": 604800})
+
+
+def parse_when(text: str) -> datetime:
+    """A WHEN of SPEC §3 as a UTC datetime."""
+    text = text.strip()
+    span = _SPAN.fullmatch(text)
+    if span:
+        return utc_now() - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
+    try:
+        moment = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", text))
+        # No zone: the user's local time, as a date means local midnight.
+        return (moment if moment.tzinfo else moment.astimezone()).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a time; give {WHEN_FORMS}") from None
+
+
+def _add_filter_options(parser: argparse.ArgumentParser, on: str) -> None:
+    parser.add_argument("--since", type=parse_when, metavar="WHEN",
+                        help=f"only {on} from WHEN on: {WHEN_FORMS}")
+    parser.add_argument("--until", type=parse_when, metavar="WHEN",
+                        help=f"only {on} before WHEN")
+    parser.add_argument("--provider", metavar="NAME", help="only this provider's")
+    parser.add_argument("--model", metavar="NAME", help="only this model's")
+
+
+def build_usage_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(
+        prog="synapse usage", description="Sum the tokens, and with [prices.\"MODEL\"] in the "
+        "config the cost, of the stored replies.")
+    _add_config_option(parser)
+    _add_filter_options(parser, "replies")
+    parser.add_argument("--by", choices=tuple(USAGE_GROUPS), default="model",
+                        help="group by model (the default), provider, day, month or session")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
+    parser.set_defaults(handler=command_usage)
+    return parser
+
+
+def build_models_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="synapse models",
+                               description="List the models a provider offers; * marks the one "
+                                           "synapse uses for it.")
+    _add_config_option(parser)
+    parser.add_argument("-p", "--provider", metavar="NAME",
+                        help="the provider to ask (default: the configured one)")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
+    parser.set_defaults(handler=command_models)
+    return parser
+
+
+COMMAND_PARSERS: Mapping[str, Callable[[], argparse.ArgumentParser]] = MappingProxyType({
+    "sessions": build_sessions_parser, "usage": build_usage_parser, "models": build_models_parser})
+
+
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    """``synapse [-c PATH] sessions ...`` goes to its own parser; the rest is chat."""
+    """``synapse [-c PATH] sessions|usage|models ...`` goes to its own parser;
+    the rest (``synapse -- models`` too) is chat."""
     position = 0
     while position < len(argv) and (argv[position] in ("-c", "--config")
                                     or argv[position].startswith("--config=")):
         position += 1 if "=" in argv[position] else 2
-    if argv[position:position + 1] == ["sessions"]:
-        # A leading -c PATH moves behind the subcommand, which accepts it too.
-        return build_sessions_parser().parse_args([*argv[position + 1:], *argv[:position]])
+    command = argv[position] if position < len(argv) else None
+    if command in COMMAND_PARSERS:
+        # A leading -c PATH moves behind the command, which accepts it too.
+        return COMMAND_PARSERS[command]().parse_args([*argv[position + 1:], *argv[:position]])
     parser = build_chat_parser()
     args = parser.parse_args(argv)
     args.handler = command_repl if args.repl else command_chat
@@ -3477,9 +3977,14 @@ def _fitted_widths(natural: Mapping[str, int], columns: int) -> Dict[str, int]:
     return widths
 
 
+def session_filter(args: argparse.Namespace) -> SessionFilter:
+    return SessionFilter(args.since, args.until, args.provider, args.model,
+                         getattr(args, "role", None))
+
+
 def command_list(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
-        summaries = store.list_sessions(args.limit)
+        summaries = store.list_sessions(args.limit, session_filter(args))
     if args.json:
         emit(json_text([summary_json(s) for s in summaries]), exact=True)
     elif not summaries:
@@ -3503,6 +4008,12 @@ def command_show(args: argparse.Namespace, config: Config) -> int:
     lines += [f"Provider: {session.provider}", f"Model:    {session.model}",
               f"Created:  {local_time(session.created_at)}",
               f"Updated:  {local_time(session.updated_at)}"]
+    if session.forked_from:
+        lines.append(f"Forked from: {session.forked_from}")
+    counted = [m for m in messages if m.input_tokens is not None or m.output_tokens is not None]
+    if counted:
+        lines.append(f"Tokens:   {sum(m.input_tokens or 0 for m in counted)} in, "
+                     f"{sum(m.output_tokens or 0 for m in counted)} out")
     if session.system_prompt:
         lines.append(f"System:   {session.system_prompt}")
     lines.append("")
@@ -3546,7 +4057,10 @@ def export_markdown(session: Session, messages: Sequence[StoredMessage]) -> str:
     if session.system_prompt:
         lines += ["## System", "", session.system_prompt, ""]
     for message in messages:
-        lines += [f"## {message.role.value.capitalize()}", "", message.content, ""]
+        lines += [f"## {message.role.value.capitalize()}", ""]
+        if message.model and message.model != session.model:  # who answered, when not the usual
+            lines += [f"*{message.model}*", ""]
+        lines += [message.content, ""]
     return "\n".join(lines)
 
 
@@ -3689,7 +4203,7 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
     if not text:
         raise UsageError("the search text is empty")
     with open_store(config) as store:
-        hits = store.search_sessions(text, args.limit)
+        hits = store.search_sessions(text, args.limit, session_filter(args))
     if args.json:
         emit(json_text([{**summary_json(h.session), "snippet": h.snippet} for h in hits]), exact=True)
         return EXIT_OK
@@ -3703,6 +4217,32 @@ def command_search(args: argparse.Namespace, config: Config) -> int:
         lines += [f"{s.id}  {local_time(s.updated_at)}  {s.provider}/{s.model}{title}",
                   f"    {cut(hit.snippet, 100)}"]
     emit("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def removed_summary(session_id: uuid.UUID, removed: Sequence[StoredMessage]) -> str:
+    """What ``sessions undo`` (and /undo) say: how many went, then each."""
+    plural = "message" if len(removed) == 1 else "messages"
+    lines = [f"Removed {len(removed)} {plural} from session {session_id}"]
+    lines += [f"[{m.role.value.upper()}] {shorten(m.content, PREVIEW_LENGTH)}" for m in removed]
+    return "\n".join(lines) + "\n"
+
+
+def command_undo(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        session = load_session(store, args.id)
+        removed = store.undo(session.id, args.count)
+    emit(removed_summary(session.id, removed))
+    return EXIT_OK
+
+
+def command_fork(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        source = load_session(store, args.id)
+        fork, messages = forked(source, store.get_messages(source.id), args.undo,
+                                clean_text(args.name) if args.name is not None else None)
+        store.create_session(fork, messages)
+    emit(f"{fork.id}\n")  # alone, for $(synapse sessions fork ...)
     return EXIT_OK
 
 
@@ -3722,17 +4262,117 @@ def command_cleanup(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+# -- usage and models ------------------------------------------------------------
+
+
+class UsageGroup(namedtuple("UsageGroup", "key name replies uncounted input_tokens output_tokens"
+                                          " cost cost_complete")):
+    """One row of ``synapse usage``: the group's ``key`` (and ``name``, by
+    session), its reply and token counts, and its ``cost`` (float, the sum
+    of what its priced models cost, None when none is priced) with
+    ``cost_complete`` False when some of its models have no price."""
+
+    __slots__ = ()
+
+
+def usage_groups(rows: Iterable[tuple], prices: Mapping[str, Price], by: str) -> List[UsageGroup]:
+    """The store's rows (per group and model) summed per group, priced, in
+    SPEC §11's order: by cost, then output tokens, those of unknown cost last;
+    days and months newest first."""
+    sums: Dict[object, List[Any]] = {}
+    for key, model, replies, uncounted, tokens_in, tokens_out, name in rows:
+        group = sums.setdefault(key, [name, 0, 0, 0, 0, None, True])
+        group[1:5] = [group[1] + replies, group[2] + uncounted,
+                      group[3] + tokens_in, group[4] + tokens_out]
+        price = prices.get(model) if model is not None else None
+        if price is None:
+            group[6] = False
+        else:
+            group[5] = (group[5] or 0.0) + tokens_in * price.input / 1e6 + tokens_out * price.output / 1e6
+    groups = [UsageGroup(key, *values) for key, values in sums.items()]
+    if by in ("day", "month"):
+        return sorted(groups, key=lambda g: g.key or "", reverse=True)
+    return sorted(groups, key=lambda g: (g.cost is not None, g.cost or 0.0, g.output_tokens),
+                  reverse=True)
+
+
+def format_cost(cost: Optional[float], complete: bool) -> str:
+    return "-" if cost is None else f"{cost:.4f}" + ("" if complete else "+")
+
+
+def command_usage(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        rows = store.usage(args.by, SessionFilter(args.since, args.until, args.provider, args.model))
+    groups = usage_groups(rows, config.prices, args.by)
+    if args.json:
+        emit(json_text([{"group": g.key, "replies": g.replies, "uncounted": g.uncounted,
+                         "input_tokens": g.input_tokens, "output_tokens": g.output_tokens,
+                         "cost": g.cost} for g in groups]), exact=True)
+        return EXIT_OK
+    if not groups:
+        emit("No replies found.\n")
+        return EXIT_OK
+    by_session = args.by == "session"
+    head = ["SESSION", "NAME"] if by_session else [args.by.upper()]
+    uncounted = any(g.uncounted for g in groups)
+    numbers = ["REPLIES", *(["UNCOUNTED"] if uncounted else []), "INPUT", "OUTPUT", "COST"]
+
+    def cells(g: UsageGroup) -> List[str]:
+        label = [str(g.key), cut(shorten(g.name or "", 200), 30)] if by_session \
+            else [str(g.key) if g.key is not None else "(unknown)"]
+        return [*label, str(g.replies), *([str(g.uncounted)] if uncounted else []),
+                str(g.input_tokens), str(g.output_tokens), format_cost(g.cost, g.cost_complete)]
+
+    known = [g.cost for g in groups if g.cost is not None]
+    total = UsageGroup("TOTAL", "", *(sum(getattr(g, f) for g in groups) for f in
+                                      ("replies", "uncounted", "input_tokens", "output_tokens")),
+                       sum(known) if known else None, all(g.cost_complete for g in groups))
+    table = [head + numbers, *(cells(g) for g in groups), cells(total)]
+    widths = [max(cell_width(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < len(head) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in table]
+    emit("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def command_models(args: argparse.Namespace, config: Config) -> int:
+    provider = resolve_provider(config, args.provider, None)
+    models = sorted(list_models(provider, config.timeout))
+    if args.json:
+        emit(json_text([{"id": m, "default": m == provider.model} for m in models]), exact=True)
+    elif not models:
+        emit(f"No models listed by {provider.name}.\n")
+    else:
+        emit("".join(f"{m}{' *' if m == provider.model else ''}\n" for m in models))
+    return EXIT_OK
+
+
 # -- chat ----------------------------------------------------------------------
 
 
-def chat_plan(args: argparse.Namespace) -> ChatPlan:
-    """The chat flags, read once."""
+def chat_plan(args: argparse.Namespace, config: Config) -> ChatPlan:
+    """The chat flags, read once; a ``--role`` fills in what they leave open."""
     session = args.session or (LATEST_SESSION if args.continue_latest else None)
     if session is not None and (args.system or args.name):
         warn("--system and --name apply to new sessions; ignored when continuing")
-    return ChatPlan(session, args.provider, args.model,
-                    clean_text(args.system) if args.system else None,
-                    clean_text(args.name) if args.name else None, not args.no_stream)
+    if args.retry and session is None:
+        raise UsageError("--retry asks again in a stored session: give -s ID or -C")
+    provider, model, temperature = args.provider, args.model, None
+    system = clean_text(args.system) if args.system else None
+    if args.role is not None:
+        if session is not None:
+            raise UsageError("--role shapes a new session; it cannot go with -s or -C")
+        role = config.roles.get(args.role)
+        if role is None:
+            known = ", ".join(sorted(config.roles)) or f"none ([roles.NAME] in {config.path or 'the config'})"
+            raise UsageError(f"unknown role '{args.role}'; the configured roles are: {known}")
+        system = system or role.prompt()
+        # -p without -m: that provider's own model, not the role's.
+        provider, model = provider or role.provider, model or (None if provider else role.model)
+        temperature = role.temperature
+    return ChatPlan(session, provider, model, system,
+                    clean_text(args.name) if args.name else None, temperature,
+                    not args.no_stream, not args.no_save)
 
 
 @contextlib.contextmanager
@@ -3754,17 +4394,85 @@ def signals_end_the_turn() -> Iterator[None]:
 
 
 def command_chat(args: argparse.Namespace, config: Config) -> int:
-    """One turn: ``synapse [OPTIONS] MESSAGE``."""
-    if not args.message and (sys.stdin is None or sys.stdin.isatty()):
+    """One turn: ``synapse [OPTIONS] MESSAGE``, or ``--retry``."""
+    stdin = sys.stdin
+    if not (args.message or args.files or args.edit or args.retry) \
+            and (stdin is None or stdin.isatty()):
         emit(args.parser.format_help())
         return EXIT_OK
-    plan = chat_plan(args)
-    message = read_message(" ".join(args.message) if args.message else None, sys.stdin)
+    plan = chat_plan(args, config)
+    argument = " ".join(args.message) if args.message else None
+    if args.retry:
+        if argument is not None or args.files or args.edit or piped_text(stdin):
+            raise UsageError("--retry sends the session's last message again: give no MESSAGE, "
+                             "piped text, -f or -e with it")
+        message = None
+    else:
+        message = compose_message(argument, piped_text(stdin), args.files)
+        message = require_text(edit_message(message) if args.edit else message)
     with signals_end_the_turn(), open_conversation(plan, config) as conversation:
-        conversation.send(message, emit)
-    if plan.session is None and sys.stderr is not None and sys.stderr.isatty():
+        if message is None:
+            _retry(conversation, config)
+        else:
+            _warn_if_cut_off(conversation.send(message, emit), config)
+    if plan.session is None and plan.save and sys.stderr is not None and sys.stderr.isatty():
         note(f"session: {conversation.session.id}")
     return EXIT_OK
+
+
+def _retry(conversation: Conversation, config: Config) -> None:
+    asked = conversation.last_question()
+    answered = asked is not None and asked < len(conversation.history) - 1
+    try:
+        _warn_if_cut_off(conversation.retry(emit), config)
+    except (KeyboardInterrupt, Terminated):
+        if answered:
+            note("synapse: the retry was stopped; the old reply was kept")
+        raise
+
+
+def edit_message(text: str) -> str:
+    """``text`` as the user leaves it in their editor (SPEC §10): $VISUAL,
+    else $EDITOR, else vi, on a private temporary .md file, on the terminal
+    even when stdin or stdout is piped.  The file goes whatever happens."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    command = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        editor = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(f"cannot read the editor command {command!r}: {exc}") from None
+    with contextlib.ExitStack() as cleanup:
+        streams = {}
+        for name, stream, mode in (("stdin", sys.stdin, "r"), ("stdout", sys.stdout, "w")):
+            if stream is None or not stream.isatty():
+                try:
+                    streams[name] = cleanup.enter_context(open("/dev/tty", mode))
+                except OSError:
+                    raise UsageError("--edit needs a terminal for the editor, and there is "
+                                     "none") from None
+        fd, path = tempfile.mkstemp(prefix="synapse-", suffix=".md")  # mode 0600
+        cleanup.callback(os.unlink, path)
+        with open(fd, "w", encoding="utf-8") as draft:
+            draft.write(text)
+        try:
+            finished = subprocess.run([*editor, path], **streams)  # type: ignore[call-overload]
+        except OSError as exc:
+            raise ConfigError(f"cannot run the editor {editor[0]!r} ({exc.strerror}); set VISUAL or "
+                              f"EDITOR to one that is installed") from None
+        if finished.returncode != 0:
+            raise SynapseError(f"the editor exited with status {finished.returncode}; "
+                               f"nothing was sent")
+        with open(path, encoding="utf-8", errors="replace") as edited:
+            return edited.read().rstrip()
+
+
+def _warn_if_cut_off(reply: Optional[StoredMessage], config: Config) -> None:
+    warning = cut_off_warning(reply.stop_reason if reply else None, config.max_tokens)
+    if warning:
+        warn(warning)
 
 
 # -- interactive mode --------------------------------------------------------------
@@ -3773,10 +4481,15 @@ def command_chat(args: argparse.Namespace, config: Config) -> int:
 REPL_HELP = """\
 Type a message and press Enter.  A line that is just \"\"\" starts a message of
 several lines, which another such line ends.  Commands:
-  /help      this help
-  /new       start a new session
-  /session   print the current session ID
-  /exit      leave (also /quit or Ctrl-D)
+  /help       this help
+  /retry      ask again for your last message
+  /undo [N]   remove the last N exchanges (default 1)
+  /fork       go on in a copy of this session
+  /edit       write the next message in your editor
+  /name TEXT  name the session
+  /new        start a new session
+  /session    print the current session ID
+  /exit       leave (also /quit or Ctrl-D)
 Ctrl-C stops a reply (what arrived is kept); Ctrl-C at the prompt leaves.
 """
 BLOCK_FENCE = '"""'  # a line of just this opens and closes a multi-line message
@@ -3839,28 +4552,30 @@ def command_repl(args: argparse.Namespace, config: Config) -> int:
     """Interactive mode: ``synapse -r``, a turn per line, in one session."""
     if sys.stdin is None:
         raise UsageError("interactive mode needs standard input")
-    if args.message:
-        raise UsageError("interactive mode takes no MESSAGE; type it at the prompt")
-    plan = chat_plan(args)
+    if args.message or args.files or args.edit or args.retry:
+        raise UsageError("interactive mode takes no MESSAGE, -f, -e or --retry; type the "
+                         "message, /edit or /retry at the prompt")
+    plan = chat_plan(args, config)
     interactive = sys.stdin.isatty()
     if not interactive:
         sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
     with signals_end_the_turn(), open_conversation(plan, config) as conversation:
-        history_file = _open_history(conversation.store.path) if interactive else None
+        # The line history lives beside the database: --no-save writes none.
+        history_file = _open_history(conversation.store.path) \
+            if interactive and conversation.saving else None
         if interactive:
             note(f"synapse {__version__}: {conversation.provider.name}/"
                  f"{conversation.provider.model}. /help for commands, Ctrl-D to leave.")
         try:
-            _repl_loop(conversation, plan, config, interactive)
+            _repl_loop(conversation, config, interactive)
         finally:
             _save_history(history_file)
-            if conversation.stored:
+            if conversation.stored and plan.save:
                 note(f"session: {conversation.session.id}")
     return EXIT_OK
 
 
-def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
-               interactive: bool) -> None:
+def _repl_loop(conversation: Conversation, config: Config, interactive: bool) -> None:
     """Read and send messages until /exit or the end of input.  A failed turn
     leaves the loop at its prompt; Ctrl-C at the prompt goes on to ``main``."""
     while True:
@@ -3872,30 +4587,58 @@ def _repl_loop(conversation: Conversation, plan: ChatPlan, config: Config,
             continue
         if text in ("/exit", "/quit"):
             return
-        if text.startswith("/") and " " not in text:
-            _repl_command(text, conversation, plan)
-            continue
         try:
-            conversation.send(text, emit)
+            if re.match(r"/[A-Za-z]", text):
+                text = _repl_command(text, conversation)
+                if text is None:
+                    continue
+            _warn_if_cut_off(conversation.send(text, emit), config)
         except KeyboardInterrupt:
             note("(reply stopped; what arrived was kept)")
-        except ProviderError as exc:  # the next turn may go through
+        except (ProviderError, UsageError) as exc:  # the next turn may go through
+            report_error(str(exc), config)
+        except SynapseError as exc:
+            if isinstance(exc, (OutputError, StorageError)):
+                raise
             report_error(str(exc), config)
 
 
-def _repl_command(command: str, conversation: Conversation, plan: ChatPlan) -> None:
+def _repl_command(line: str, conversation: Conversation) -> Optional[str]:
+    """Run a /command; returns a message it wrote to send (/edit), else None."""
+    command, _, argument = line.partition(" ")
+    argument = argument.strip()
     if command == "/help":
         emit(REPL_HELP)
     elif command == "/session":
         emit(f"{conversation.session.id}\n" if conversation.stored
              else "no session yet: it starts with your first message\n")
     elif command == "/new":
-        if conversation.stored:
+        if conversation.stored and conversation.plan.save:
             note(f"session: {conversation.session.id}")
-        conversation.start_new(plan.system_prompt or conversation.config.system_prompt, plan.name)
+        conversation.start_new()
         note("Started a new session.")
+    elif command == "/retry":
+        _retry(conversation, conversation.config)
+    elif command == "/undo":
+        try:
+            count = _positive_int(argument or "1")
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"/undo N: {exc}") from None
+        removed = conversation.undo(count)
+        if not removed:
+            raise SynapseError("nothing to undo")
+        note(removed_summary(conversation.session.id, removed).rstrip("\n"))
+    elif command == "/fork":
+        conversation.fork()
+        note(f"session: {conversation.session.id} (a fork; the original is kept)")
+    elif command == "/edit":
+        return require_text(edit_message(""))
+    elif command == "/name":
+        conversation.rename(argument or None)
+        note(f"Named the session {argument!r}." if argument else "Cleared the session's name.")
     else:
-        note(f"synapse: error: unknown command {command}; /help lists them")
+        note(f"synapse: error: unknown command {command}; nothing was sent\n{REPL_HELP.rstrip()}")
+    return None
 
 
 # ---------------------------------------------------------------------------
