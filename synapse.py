@@ -38,6 +38,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import sys
 import time
 from collections import namedtuple
@@ -157,6 +158,49 @@ class Terminated(BaseException):
         self.exit_code = 128 + signum
 
 
+@contextlib.contextmanager
+def signals_end_the_turn() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) raise Terminated while a chat
+    runs, so that the partial reply is stored as on Ctrl-C.  After the first,
+    the next ones (a closing terminal sends several) are ignored: the
+    command is ending, and one more must not cut short the storing."""
+    import signal
+
+    ending = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def terminate(signum: int, frame: object) -> None:
+        for each in ending:
+            signal.signal(each, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in ending}
+    for signum in ending[:2]:
+        signal.signal(signum, terminate)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait while the block runs (they come after
+    it): a second Ctrl-C must not undo the write that keeps a partial reply."""
+    import signal
+
+    try:
+        previous = signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    except (AttributeError, ValueError, OSError):  # no such call here, or not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 # What a person reads on a terminal must not drive it: C0 and C1 controls
 # but newline and tab (ESC above all; CR, DEL too) and the bidirectional
 # overrides that reorder a line are shown as escapes (SPEC §8).
@@ -207,9 +251,18 @@ def note(line: str) -> None:
     stream = sys.stderr
     if stream is None:
         return
-    with contextlib.suppress(OSError, ValueError):
+    try:
         stream.write(visible(line, stream) + "\n")
         stream.flush()
+    except (OSError, ValueError):
+        silence(stream)
+
+
+def silence(stream: Optional[TextIO]) -> None:
+    """Point a failed stream at /dev/null, so that the interpreter's last
+    flush of what is still buffered cannot fail (and say so) again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------
@@ -534,8 +587,8 @@ NUMBER_RULES: Mapping[str, Tuple[Callable[[Any], bool], str]] = MappingProxyType
     "temperature": (lambda v: 0 <= v <= 2, "a number from 0 to 2"),
     "timeout": (lambda v: 0 < v <= 86400, "more than 0 and at most 86400 (seconds)"),
     "max_sessions": (lambda v: v >= 0, "0 or more"),
-    "input": (lambda v: 0 <= v < float("inf"), "a number, 0 or more (per million tokens)"),
-    "output": (lambda v: 0 <= v < float("inf"), "a number, 0 or more (per million tokens)"),
+    "input": (lambda v: 0 <= v <= 1e6, "a number from 0 to 1000000 (per million tokens)"),
+    "output": (lambda v: 0 <= v <= 1e6, "a number from 0 to 1000000 (per million tokens)"),
     "retention_days": (lambda v: 0 <= v <= 36500, "from 0 to 36500 (days)"),
 })
 
@@ -563,7 +616,7 @@ def _checked_table(table: Mapping[str, object], schema: Mapping[str, tuple],
 
 def find_config_path(explicit: Optional[str], env: Mapping[str, str]) -> Tuple[str, bool]:
     """The config file in force and whether the user named it."""
-    if explicit:
+    if explicit is not None:
         return os.path.expanduser(explicit), True
     if env.get("SYNAPSE_CONFIG"):
         return os.path.expanduser(env["SYNAPSE_CONFIG"]), True
@@ -612,7 +665,7 @@ def _read_toml(path: str, named: bool) -> Optional[Dict[str, Any]]:
     else:  # pragma: no cover - exercised by CI on Python 3.9
         import tomli as tomllib
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8").lstrip("\ufeff"))  # Notepad's BOM is harmless
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
@@ -685,7 +738,7 @@ def _read_prompt_file(config_path: str, name: str, key: str) -> str:
     try:
         with open(prompt_path, encoding="utf-8") as prompt:
             return prompt.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name, or not UTF-8
         raise ConfigError(f"{config_path}: '{key}' {prompt_path} cannot be read: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
 
@@ -749,10 +802,11 @@ def _check_base_url(url: str, provider: str, where: str) -> None:
 
     try:
         parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port  # a bad port raises too
+        good = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # a bad port raises too
     except ValueError:
-        host = None
-    if parts.scheme not in ("http", "https") or not host:
+        good = False
+    if not good:
         raise ConfigError(f"the base_url of {provider} in {where} must be an http:// or "
                           f"https:// URL with a host, such as https://api.example.com/v1")
 
@@ -793,9 +847,11 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
     each with ``~`` expanded.  Anything else with a scheme is refused.
     """
     env = os.environ if env is None else env
-    url = url or env.get("SYNAPSE_DATABASE_URL") or configured
+    url = (url or env.get("SYNAPSE_DATABASE_URL", "").strip() or configured or "").strip()
     if not url:
         return os.path.join(config_home(env), "sessions.db")
+    if "\0" in url:
+        raise ConfigError(f"database URL {url!r} holds a NUL character")
     if url.startswith("sqlite:"):
         path = url[len("sqlite:"):]
         if path.startswith("//"):
@@ -808,7 +864,7 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
         )
     else:
         path = url
-    if not path:
+    if not path or path == ":memory:":  # SQLite's name for a database kept nowhere
         raise ConfigError(f"database URL '{url}' names no file")
     return os.path.expanduser(path)
 
@@ -949,10 +1005,10 @@ def create_private_file(path: str) -> int:
 
 def _prepare_database_file(path: str) -> None:
     """Refuse what is not SQLite; create the file 0600 in a 0700 folder."""
-    if path == ":memory:":
-        return
     if os.path.isdir(path):
         raise DatabaseError(f"database path {path} is a directory; point database_url at a file")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would hang us
+        raise DatabaseError(f"database path {path} is not a regular file; point database_url at one")
     try:
         with open(path, "rb") as existing:
             head = existing.read(len(SQLITE_MAGIC))
@@ -1003,8 +1059,20 @@ def connect(path: str, newest_version: Optional[int] = None) -> sqlite3.Connecti
         # from a newer synapse is refused untouched.
         version = _schema_version(conn, sys.maxsize if newest_version is None
                                   else newest_version, f"database {path}")
-        if version == 0 and conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-            conn.execute(f"PRAGMA page_size = {NEW_DATABASE_PAGE_SIZE}")
+        if version == 0:
+            # The version and the tables read together, in one snapshot: another
+            # synapse may be making this same new database right now.
+            version, names = conn.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version), (SELECT group_concat(name,"
+                " ', ') FROM sqlite_master WHERE type = 'table')").fetchone()
+            tables = names.split(", ") if names and version == 0 else []
+            if tables:  # another program's database: synapse's own always has a version
+                raise DatabaseError(
+                    f"{path} is another program's SQLite database (it holds {', '.join(tables[:5])});"
+                    f" refusing to touch it (set SYNAPSE_DATABASE_URL or [session] database_url"
+                    f" to another file)")
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                conn.execute(f"PRAGMA page_size = {NEW_DATABASE_PAGE_SIZE}")
         _switch_to_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         # Zero deleted text inside the pages being written anyway, on every
@@ -1082,19 +1150,32 @@ def _key(value: object) -> str:
     return str(value if not isinstance(value, str) else parse_uuid(value))
 
 
+def _texts(row: Sequence, *at: int) -> Sequence:
+    """``row``, once the columns ``at`` hold text or NULL (another program may
+    have stored a BLOB or a number there)."""
+    for i in at:
+        if row[i] is not None and not isinstance(row[i], str):
+            raise InvalidData(f"a row ({row[0]!r}) holds {type(row[i]).__name__} where text "
+                              f"belongs; was the database written by another program?")
+    return row
+
+
 def _session_from_row(row: Sequence) -> Session:
+    row = _texts(row, 1, 2, 3, 4)
     return Session(parse_uuid(row[0]), row[1], row[2], row[3], row[4],
                    parse_timestamp(row[5]), parse_timestamp(row[6]),
                    parse_uuid(row[7]) if row[7] is not None else None)
 
 
 def _summary_from_row(row: Sequence) -> SessionSummary:
+    row = _texts(row, 1, 2, 3, 7)
     preview = shorten(row[7], PREVIEW_LENGTH) if row[7] is not None else None
     return SessionSummary(parse_uuid(row[0]), row[1], row[2], row[3],
                           parse_timestamp(row[4]), parse_timestamp(row[5]), row[6], preview)
 
 
 def _message_from_row(row: Sequence) -> StoredMessage:
+    row = _texts(row, 3, 5, 6, 9)
     try:
         role = Role(row[2])
     except ValueError:
@@ -1844,8 +1925,9 @@ Reply = Union[str, Usage]  # what stream_chat yields
 
 
 def _count(value: object) -> Optional[int]:
-    """A token count as reported, or None for a null, a missing or an odd one."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token count as reported, or None for a null, a missing or an odd
+    one (a bool, a negative, more than SQLite can hold)."""
+    return value if type(value) is int and 0 <= value < 2 ** 63 else None
 
 
 def _sample(value: object) -> str:
@@ -1877,9 +1959,11 @@ def retry_delay(attempt: int, headers: Mapping[str, str]) -> float:
         if value is None:
             continue
         try:
-            return min(max(float(value) * scale, 0.0), MAX_RETRY_WAIT)
+            seconds = float(value) * scale
         except ValueError:
             continue  # an HTTP date: fall back to backoff
+        if seconds == seconds:  # not NaN
+            return min(max(seconds, 0.0), MAX_RETRY_WAIT)
     return RETRY_BASE_DELAY * 2 ** attempt
 
 
@@ -1897,16 +1981,18 @@ def _error_fields(data: object) -> Tuple[Optional[str], Optional[str]]:
     if not isinstance(error, dict):
         return None, None
     kind = error.get("type") or error.get("code")
-    if kind == "error":  # Anthropic's outer {"type": "error"} wrapper
+    if kind == "error" or not isinstance(kind, (str, int)):  # Anthropic's outer wrapper; junk
         kind = None
     message = error.get("message")
-    return (str(kind) if kind else None), (str(message) if message is not None else None)
+    if message is not None and not isinstance(message, str):
+        message = json.dumps(message, ensure_ascii=False)
+    return (str(kind) if kind else None), message
 
 
 def _json_or_none(body: bytes) -> object:
     try:
         return json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep to follow
         return None
 
 
@@ -2074,10 +2160,10 @@ def _response_kind(response) -> str:
 def _json_event(data: str) -> dict:
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProviderFault(f"sent a malformed stream event: {shorten(data, 80)!r}") from None
     if not isinstance(value, dict):
-        raise ProviderFault(f"sent an unexpected stream event: {shorten(data, 80)!r}")
+        raise ProviderFault(f"sent a stream event that is not a JSON object: {shorten(data, 80)!r}")
     return value
 
 
@@ -2094,8 +2180,8 @@ def read_json_body(response, timeout: float) -> dict:
         raise ProviderFault(f"sent a reply that is not JSON: "
                             f"{shorten(body.decode('utf-8', 'replace'), 80)!r}")
     if not isinstance(value, dict):
-        raise ProviderFault(f"sent an unexpected reply: {shorten(str(value), 80)}")
-    if "error" in value:
+        raise ProviderFault(f"sent a reply that is not a JSON object: {shorten(str(value), 80)}")
+    if value.get("error"):
         raise _reported_error(value)
     return value
 
@@ -2159,7 +2245,7 @@ def openai_texts(events: Iterable[ServerEvent]) -> Iterator[Reply]:
         if not data:
             continue
         value = _json_event(data)
-        if "error" in value:
+        if value.get("error"):  # an "error": null beside a delta is no error
             raise _reported_error(value)
         yield from _openai_parts(value, "delta")
     raise ProviderFault("ended the reply before data: [DONE]")
@@ -2361,9 +2447,11 @@ def list_models(provider: Provider, timeout: float) -> List[str]:
                                                        for m in data):
                 raise ProviderFault(f"sent a model list without a list of models: {_sample(page)}")
             models += [m["id"] for m in data]
-            after = page.get("last_id")
-            if not (anthropic and page.get("has_more") and after):
+            if not (anthropic and page.get("has_more") and page.get("last_id")):
                 return models
+            if page["last_id"] == after:
+                raise ProviderFault(f"sent the same page of models twice (after {after})")
+            after = page["last_id"]
     except ProviderFault as fault:
         raise ProviderError(f"{provider.name} {fault}") from None
 
@@ -2420,13 +2508,20 @@ class ChatPlan(namedtuple("ChatPlan", "session provider model system_prompt name
 _UUID_PIECES = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
 
 
-def resolve_session_id(store: SqliteStore, text: str) -> uuid.UUID:
-    """The one parser of IDs the user types: a full UUID or a unique prefix
-    of 4+ hex digits, hyphens optional, any case."""
+def compact_session_id(text: str) -> str:
+    """An ID as the user typed it, as lower-case hex digits; a UsageError
+    when it is neither a full UUID nor a prefix of 4+ hex digits."""
     compact = text.strip().replace("-", "").lower()
     if not re.fullmatch(r"[0-9a-f]{4,32}", compact):
         raise UsageError(f"'{text}' is not a session ID; give a UUID or at least "
                          f"4 of its leading hex characters")
+    return compact
+
+
+def resolve_session_id(store: SqliteStore, text: str) -> uuid.UUID:
+    """The one parser of IDs the user types: a full UUID or a unique prefix
+    of 4+ hex digits, hyphens optional, any case."""
+    compact = compact_session_id(text)
     if len(compact) == 32:
         return parse_uuid(compact)
     prefix = "-".join(compact[a:b] for a, b in _UUID_PIECES if compact[a:b])
@@ -2556,12 +2651,13 @@ class Conversation:
                     self.session.id, Role.ASSISTANT, "".join(pieces), provider=self.provider.name,
                     model=self.provider.model, input_tokens=usage.input_tokens,
                     output_tokens=usage.output_tokens, stop_reason=ending or usage.stop_reason)
-                if retry:
-                    if self.saving:
-                        self.store.replace_reply(self.history[asked], reply)
-                    self.history[asked + 1:] = [reply]
-                else:
-                    self._keep(reply)
+                with signals_held():
+                    if retry:
+                        if self.saving:
+                            self.store.replace_reply(self.history[asked], reply)
+                        self.history[asked + 1:] = [reply]
+                    else:
+                        self._keep(reply)
             if not ending:
                 out("\n")
             elif pieces:  # the line ends before the news of what ended the reply
@@ -3675,10 +3771,9 @@ def _add_config_option(parser: argparse.ArgumentParser, default: object = None) 
 
 
 def _whole_number(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if not re.fullmatch(r"\s*[-+]?[0-9]+\s*", text):  # int() takes "1_0" and other digits too
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number")
+    value = int(text)
     if not least <= value <= 2 ** 63 - 1:  # what SQLite can count to
         raise argparse.ArgumentTypeError(f"must be from {least} to {2 ** 63 - 1}")
     return value
@@ -3822,9 +3917,9 @@ def parse_when(text: str) -> datetime:
     """A WHEN of SPEC §3 as a UTC datetime."""
     text = text.strip()
     span = _SPAN.fullmatch(text)
-    if span:
-        return utc_now() - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
     try:
+        if span:
+            return utc_now() - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
         moment = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", text))
         # No zone: the user's local time, as a date means local midnight.
         return (moment if moment.tzinfo else moment.astimezone()).astimezone(timezone.utc)
@@ -3880,11 +3975,28 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     command = argv[position] if position < len(argv) else None
     if command in COMMAND_PARSERS:
         # A leading -c PATH moves behind the command, which accepts it too.
-        return COMMAND_PARSERS[command]().parse_args([*argv[position + 1:], *argv[:position]])
+        return _clean_arguments(COMMAND_PARSERS[command]().parse_args(
+            [*argv[position + 1:], *argv[:position]]))
     parser = build_chat_parser()
-    args = parser.parse_args(argv)
+    args = _clean_arguments(parser.parse_args(argv))
     args.handler = command_repl if args.repl else command_chat
     args.parser = parser
+    return args
+
+
+PATH_ARGUMENTS = frozenset({"config", "files", "output"})  # names the OS must find as given
+
+
+def _clean_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Undecodable bytes in the text arguments become U+FFFD, as in MESSAGE
+    (SPEC §2); paths keep them, to name the file the user named."""
+    for name, value in vars(args).items():
+        if name in PATH_ARGUMENTS:
+            continue
+        if isinstance(value, str):
+            setattr(args, name, clean_text(value))
+        elif isinstance(value, list):
+            setattr(args, name, [clean_text(v) if isinstance(v, str) else v for v in value])
     return args
 
 
@@ -4352,7 +4464,13 @@ def command_models(args: argparse.Namespace, config: Config) -> int:
 
 def chat_plan(args: argparse.Namespace, config: Config) -> ChatPlan:
     """The chat flags, read once; a ``--role`` fills in what they leave open."""
-    session = args.session or (LATEST_SESSION if args.continue_latest else None)
+    session = args.session if args.session is not None else (
+        LATEST_SESSION if args.continue_latest else None)
+    if session is not LATEST_SESSION and session is not None:
+        compact_session_id(session)  # a malformed ID is refused before anything opens
+    for flag, value in (("-p", args.provider), ("-m", args.model), ("--role", args.role)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} needs a name")
     if session is not None and (args.system or args.name):
         warn("--system and --name apply to new sessions; ignored when continuing")
     if args.retry and session is None:
@@ -4373,24 +4491,6 @@ def chat_plan(args: argparse.Namespace, config: Config) -> ChatPlan:
     return ChatPlan(session, provider, model, system,
                     clean_text(args.name) if args.name else None, temperature,
                     not args.no_stream, not args.no_save)
-
-
-@contextlib.contextmanager
-def signals_end_the_turn() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a closed terminal) raise Terminated while a chat
-    runs, so that the partial reply is stored as on Ctrl-C."""
-    import signal
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated(signum)
-
-    previous = {signum: signal.signal(signum, terminate)
-                for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def command_chat(args: argparse.Namespace, config: Config) -> int:
@@ -4439,7 +4539,8 @@ def edit_message(text: str) -> str:
     import subprocess
     import tempfile
 
-    command = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    command = (os.environ.get("VISUAL", "").strip() or os.environ.get("EDITOR", "").strip()
+               or "vi")
     try:
         editor = shlex.split(command)
     except ValueError as exc:
@@ -4454,7 +4555,7 @@ def edit_message(text: str) -> str:
                     raise UsageError("--edit needs a terminal for the editor, and there is "
                                      "none") from None
         fd, path = tempfile.mkstemp(prefix="synapse-", suffix=".md")  # mode 0600
-        cleanup.callback(os.unlink, path)
+        cleanup.callback(_remove_draft, path)
         with open(fd, "w", encoding="utf-8") as draft:
             draft.write(text)
         try:
@@ -4463,10 +4564,25 @@ def edit_message(text: str) -> str:
             raise ConfigError(f"cannot run the editor {editor[0]!r} ({exc.strerror}); set VISUAL or "
                               f"EDITOR to one that is installed") from None
         if finished.returncode != 0:
-            raise SynapseError(f"the editor exited with status {finished.returncode}; "
-                               f"nothing was sent")
-        with open(path, encoding="utf-8", errors="replace") as edited:
-            return edited.read().rstrip()
+            how = (f"was ended by signal {-finished.returncode}" if finished.returncode < 0
+                   else f"exited with status {finished.returncode}")
+            raise SynapseError(f"the editor {how}; nothing was sent")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as edited:
+                return edited.read().rstrip()
+        except OSError:
+            raise SynapseError("the editor left no file to send; nothing was sent") from None
+
+
+def _remove_draft(path: str) -> None:
+    """The editor's file goes, whatever the editor left there."""
+    import shutil
+
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 def _warn_if_cut_off(reply: Optional[StoredMessage], config: Config) -> None:
@@ -4557,8 +4673,8 @@ def command_repl(args: argparse.Namespace, config: Config) -> int:
                          "message, /edit or /retry at the prompt")
     plan = chat_plan(args, config)
     interactive = sys.stdin.isatty()
-    if not interactive:
-        sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
+    if not interactive:  # piped lines are UTF-8, as piped text is in chat (SPEC §2)
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")  # type: ignore[attr-defined]
     with signals_end_the_turn(), open_conversation(plan, config) as conversation:
         # The line history lives beside the database: --no-save writes none.
         history_file = _open_history(conversation.store.path) \
@@ -4630,7 +4746,8 @@ def _repl_command(line: str, conversation: Conversation) -> Optional[str]:
         note(removed_summary(conversation.session.id, removed).rstrip("\n"))
     elif command == "/fork":
         conversation.fork()
-        note(f"session: {conversation.session.id} (a fork; the original is kept)")
+        kept = "the original is kept" if conversation.saving else "not stored: --no-save"
+        note(f"session: {conversation.session.id} (a fork; {kept})")
     elif command == "/edit":
         return require_text(edit_message(""))
     elif command == "/name":
@@ -4664,13 +4781,6 @@ def _prepare_streams() -> None:
             stream.reconfigure(errors="replace")  # type: ignore[union-attr]
 
 
-def _silence_stdout() -> None:
-    """Point a failed stdout at /dev/null, so that the interpreter's last
-    flush of what is still buffered cannot fail (and say so) again."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one synapse command; returns its exit status (SPEC §2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -4689,11 +4799,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Terminated as exc:
         return exc.exit_code
     except BrokenPipeError:  # the reader went away (synapse ... | head): no message
-        _silence_stdout()
+        silence(sys.stdout)
         return EXIT_FAILURE
     except SynapseError as exc:
         if isinstance(exc, OutputError):
-            _silence_stdout()
+            silence(sys.stdout)
         report_error(str(exc), config)
         return exc.exit_code
     except Exception as exc:  # a bug: still one line, traceback on request

@@ -3312,8 +3312,9 @@ def test_when_forms():
 def test_bad_usage_options_and_prices(user):
     assert_one_error_line(user.run("usage", "--by", "week"), 2, "--by", "invalid choice")
     for price, complaint in (("input = 'cheap'\noutput = 1", "must be an integer or a number"),
-                             ("input = -1\noutput = 1", "0 or more"),
-                             ("input = nan\noutput = 1", "0 or more"),
+                             ("input = -1\noutput = 1", "from 0 to 1000000"),
+                             ("input = nan\noutput = 1", "from 0 to 1000000"),
+                             ("input = 1.7e308\noutput = 1", "from 0 to 1000000"),
                              ("output = 1", "needs input")):
         user.write_config(f'[prices."gpt-4o"]\n{price}\n')
         assert_one_error_line(user.run("usage"), 2, 'prices."gpt-4o"', complaint)
@@ -3852,6 +3853,183 @@ def test_two_processes_undoing_one_session_at_once(user, tmp_path):
     assert all(p.returncode == 0 for p in processes)
     assert sorted(o.splitlines()[0] for o in outputs) == [f"Removed 4 messages from session {sid}"] * 2
     assert [c for r, c in contents(user) if r == "user"] == ["exchange 0", "exchange 1"]
+    integrity(user.db_path)
+
+
+# ---------------------------------------------------------------------------
+# What a second adversarial trial found (each case once broke synapse)
+# ---------------------------------------------------------------------------
+
+
+def test_token_counts_beyond_sqlite_are_null_and_the_reply_is_kept(user, server):
+    user.use_server(server)
+    server.queue(Reply(chunks=[sse(openai_chunk("kept"), {"choices": [], "usage": {
+        "prompt_tokens": 10 ** 23, "completion_tokens": 2 ** 63}}) + b"data: [DONE]\n\n"]))
+    assert user.run("hi").returncode == 0
+    assert reply_record(user)[0] == "kept" and reply_record(user)[3:5] == (None, None)
+
+
+@pytest.mark.parametrize("where", ["event", "body", "error", "models"])
+def test_json_nested_too_deep_is_a_provider_error(user, server, where):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    user.use_server(server)
+    reply = {"event": Reply(chunks=[b"data: " + deep + b"\n\n"]),
+             "body": Reply(content_type="application/json", chunks=[deep]),
+             "error": Reply(status=400, content_type="application/json", chunks=[deep]),
+             "models": Reply(content_type="application/json", chunks=[deep])}[where]
+    server.queue(reply)
+    result = user.run("models" if where == "models" else "hi")
+    assert_one_error_line(result, 1, "deepseek")
+    assert "unexpected" not in err(result)
+
+
+def test_odd_replies_are_never_called_unexpected(user, server):
+    user.use_server(server)
+    for body in (b"data: 42\n\n", b'data: [1, 2]\n\n', b'data: "text"\n\n'):
+        server.queue(Reply(chunks=[body]))
+        result = user.run("hi")
+        assert_one_error_line(result, 1, "not a JSON object")
+        assert "unexpected" not in err(result)
+    server.queue(Reply(chunks=[sse({"error": None, **openai_chunk("fine")}) + b"data: [DONE]\n\n"]))
+    assert text(user.run("hi")) == "fine\n"  # "error": null beside a delta is no error
+    server.queue(json_error(400, {"error": {"type": ["a"], "message": {"nested": [1, 2]}}}))
+    assert_one_error_line(user.run("hi"), 1, 'returned 400: {"nested": [1, 2]}')
+
+
+def test_a_retry_after_that_is_not_a_number_falls_back_to_backoff(user, server, monkeypatch):
+    waits = recorded_waits(monkeypatch)
+    user.use_server(server)
+    server.queue(json_error(429, {"error": {"message": "slow down"}}, **{"retry-after-ms": "NaN"}),
+                 json_error(429, {"error": {"message": "slow down"}}, **{"Retry-After": "nan"}), hello())
+    assert user.run("hi").returncode == 0 and waits == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("config, key", [
+    ('provider = "ollama"\nbase_url = "http://[::1"\n', "base_url of ollama"),
+    ('provider = "echo"\nsystem_prompt_file = "a\\u0000b"\n', "system_prompt_file"),
+    ('provider = "echo"\n[session]\ndatabase_url = "x\\u0000.db"\n', "NUL"),
+    ('provider = "echo"\n[session]\ndatabase_url = ":memory:"\n', "names no file"),
+])
+def test_config_values_that_once_crashed(user, config, key):
+    user.write_config(config)
+    result = user.run("hi")
+    assert_one_error_line(result, 2, key)
+    assert "unexpected" not in err(result) and not user.db_path.exists()
+
+
+def test_a_config_with_a_byte_order_mark_is_read(user):
+    user.config_dir.mkdir(parents=True)
+    (user.config_dir / "config.toml").write_bytes(b'\xef\xbb\xbfprovider = "echo"\n')
+    assert text(user.run("hi")) == "hi\n"
+
+
+@pytest.mark.parametrize("args", [["sessions", "list", "--since", "999999d"],
+                                  ["usage", "--since", "999999999w"],
+                                  ["sessions", "list", "--limit", "1_0"],
+                                  ["sessions", "list", "--limit", "\u0663"],
+                                  ["-s", "", "-p", "echo", "hi"], ["-p", "", "hi"],
+                                  ["-p", "echo", "-m", " ", "hi"]])
+def test_arguments_that_once_slipped_through(user, args):
+    result = user.run(*args)
+    assert_one_error_line(result, 2)
+    assert "unexpected" not in err(result) and not user.db_path.exists()
+
+
+def test_undecodable_bytes_in_any_text_argument(user):
+    user.ok("-p", "echo", "seed")
+    for argv in ([b"-p", b"echo", b"-m", b"\xff", b"hi"], [b"sessions", b"list", b"--model", b"\xfe"],
+                 [b"usage", b"--provider", b"\xff"], [b"sessions", b"search", b"--provider", b"\xff", b"x"]):
+        result = subprocess.run([os.fsencode(a) for a in COMMAND] + argv, env=user.env,
+                                capture_output=True, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, (argv, err(result))
+    assert user.rows("SELECT model FROM sessions ORDER BY rowid")[-1] == ("\ufffd",)
+
+
+def test_foreign_and_odd_database_files_are_refused_untouched(user, tmp_path):
+    foreign = tmp_path / "other.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    before = foreign.read_bytes()
+    result = user.run("-p", "echo", "hi", env={"SYNAPSE_DATABASE_URL": str(foreign)})
+    assert_one_error_line(result, 1, "another program's SQLite database", "notes")
+    assert foreign.read_bytes() == before
+    fifo = tmp_path / "pipe.db"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        result = user.spawn("sessions", "list", env={"SYNAPSE_DATABASE_URL": str(path)}, timeout=20)
+        assert_one_error_line(result, 1, "not a regular file")
+    assert user.run("-p", "echo", "x", env={"SYNAPSE_DATABASE_URL": "  "}).returncode == 0
+    assert not (user.root / "  ").exists() and user.db_path.exists()  # blank: the default place
+
+
+def test_text_where_another_program_stored_a_blob(user):
+    sid = chat_session(user, "fine")
+    conn = sqlite3.connect(user.db_path)
+    conn.execute("UPDATE messages SET content = ? WHERE role = 'user'", (b"\x00binary",))
+    conn.commit()
+    conn.close()
+    for args in (["sessions", "show", sid], ["sessions", "list"], ["sessions", "export", sid]):
+        assert_one_error_line(user.run(*args), 1, "bytes where text belongs")
+
+
+def test_a_failing_stderr_never_changes_the_exit_status(user):
+    user.ok("-p", "echo", "seed")
+    for args, code in ((["-p", "echo", "--system", "ignored", "-C", "hi"], 0), (["-p", "nosuch", "hi"], 2)):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*COMMAND, *args], env=user.env, stdout=subprocess.PIPE,
+                                    stderr=full, stdin=subprocess.DEVNULL)
+        assert result.returncode == code, args
+
+
+def test_repl_lines_are_utf8_whatever_the_locale_says(user):
+    for encoding in ("ascii", "latin-1"):
+        result = user.spawn("-r", "-p", "echo", input="h\u00e9llo\n".encode(),
+                            env={"PYTHONIOENCODING": encoding})
+        assert result.returncode == 0
+    assert [c for r, c in user.messages() if r == "user"] == ["h\u00e9llo", "h\u00e9llo"]
+
+
+def test_a_model_list_that_pages_in_a_circle(user, server):
+    user.use_server(server, provider="anthropic")
+    page = {"data": [{"type": "model", "id": "claude-x"}], "has_more": True, "last_id": "claude-x"}
+    server.queue(*(json_error(200, page) for _ in range(2)))
+    assert_one_error_line(user.run("models"), 1, "the same page of models twice")
+
+
+EDITOR_SCRIPTS = {
+    "remove": "import os, sys; os.unlink(sys.argv[-1])",
+    "directory": "import os, sys; os.unlink(sys.argv[-1]); os.mkdir(sys.argv[-1])",
+    "killed": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+}
+
+
+@pytest.mark.parametrize("kind, complaint", [("remove", "left no file"), ("directory", "left no file"),
+                                             ("killed", "was ended by signal 9")])
+def test_editors_that_misbehave(user, tmp_path, kind, complaint):
+    script = tmp_path / "ed.py"
+    script.write_text(EDITOR_SCRIPTS[kind])
+    result = on_a_terminal(user, "-p", "echo", "-e", env={
+        "VISUAL": "   ", "EDITOR": f"{sys.executable} {script}", "TMPDIR": str(tmp_path)})
+    assert_one_error_line(result, 1, complaint)
+    assert not list(tmp_path.glob("synapse-*")) and not user.db_path.exists()
+
+
+@pytest.mark.slow
+def test_signals_in_a_burst_still_keep_the_partial_reply(user, server):
+    user.use_server(server)
+    for attempt in range(4):
+        server.queue(slow_stream(pieces=40, delay=0.1))
+        process = user.popen(f"burst {attempt}")
+        wait_for_output(process)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            process.send_signal(signum)
+        process.communicate(timeout=30)
+        # Pending at once, they are handled by number: SIGHUP may come first.
+        assert process.returncode in (129, 143), attempt
+        assert user.messages()[-1][0] == "assistant", attempt
+        assert user.messages()[-1][1].startswith("w0 ")
     integrity(user.db_path)
 
 
