@@ -1549,11 +1549,12 @@ class SqliteStore:
     # -- beyond the protocol: what the command line needs ---------------------
 
     def choose_cleanup(self, config: SessionConfig, protect: Optional[uuid.UUID] = None
-                       ) -> Tuple[CleanupResult, List[uuid.UUID]]:
-        """What ``cleanup`` would delete now, and which sessions.  It only
-        reads: no write lock, nothing to roll back (a dry run)."""
+                       ) -> Tuple[CleanupResult, List[str]]:
+        """What ``cleanup`` would delete now, and which sessions (their IDs
+        as stored: a dry run lists tens of thousands, no UUID objects needed).
+        It only reads: no write lock, nothing to roll back."""
         with self._errors():
-            doomed = {why: [parse_uuid(r[0]) for r in self._conn.execute(sql, params)]
+            doomed = {why: [r[0] for r in self._conn.execute(sql, params)]
                       for why, sql, params in _cleanup_choices(self._conn, config, protect)[1]}
         return (_cleanup_result({why: len(ids) for why, ids in doomed.items()}),
                 [i for ids in doomed.values() for i in ids])
@@ -1773,12 +1774,16 @@ class SqliteStore:
         input tokens, output tokens, and by session the session's name), one
         per group and model."""
         conditions, params = _filter_sql(where, "m.timestamp", "m")
-        join = " LEFT JOIN sessions s ON s.id = g.grp" if by == "session" else ""
-        return self._read(
-            f"SELECT g.*, {'s.name' if join else 'NULL'} FROM (SELECT {USAGE_GROUPS[by]} AS grp,"
-            " m.model, count(*), sum(m.input_tokens IS NULL AND m.output_tokens IS NULL),"
-            " coalesce(sum(m.input_tokens), 0), coalesce(sum(m.output_tokens), 0)"
-            f" FROM messages m WHERE m.role = 'assistant'{conditions} GROUP BY 1, 2) g{join}", params)
+        # By model, the model is the group: sorting on it once is a third of the query.
+        sums = (f"SELECT {USAGE_GROUPS[by]} AS grp, m.model, count(*),"
+                " sum(m.input_tokens IS NULL AND m.output_tokens IS NULL),"
+                " coalesce(sum(m.input_tokens), 0), coalesce(sum(m.output_tokens), 0)"
+                f" FROM messages m WHERE m.role = 'assistant'{conditions}"
+                f" GROUP BY {'grp' if by == 'model' else 'grp, m.model'}")
+        if by != "session":
+            return [(*row, None) for row in self._read(sums, params)]
+        return self._read(f"SELECT g.*, s.name FROM ({sums}) g LEFT JOIN sessions s ON s.id = g.grp",
+                          params)
 
     def _read_bounded(self, sql: str, params: Mapping[str, object],
                       budget: int) -> Optional[List[tuple]]:

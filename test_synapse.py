@@ -850,7 +850,7 @@ def test_cleanup_removes_messages_and_dry_run_removes_nothing(store):
     set_updated(store.path, sessions[0].id, NOW - timedelta(days=100))
     config = synapse.SessionConfig(max_sessions=0, retention_days=90)
     dry, doomed = store.choose_cleanup(config)
-    assert dry == synapse.CleanupResult(1, 0, 1) and doomed == [sessions[0].id]
+    assert dry == synapse.CleanupResult(1, 0, 1) and doomed == [str(sessions[0].id)]
     assert len(remaining(store)) == 2
     assert store.cleanup(config) == dry
     orphans = store._conn.execute("SELECT count(*) FROM messages WHERE session_id NOT IN"
@@ -4219,9 +4219,9 @@ def test_dry_run_only_chooses_and_chooses_what_the_cleanup_deletes(tmp_path, mon
         assert result.sessions_deleted == len(ids) == len(set(ids)) >= 30
         assert result.by_retention > 0 and result.by_max_limit > 0
         assert table_contents(path) == before
-        survivors = {s.id for s in store.list_sessions()} - set(ids)
+        survivors = {str(s.id) for s in store.list_sessions()} - set(ids)
         assert store.cleanup(config) == result
-        assert {s.id for s in store.list_sessions()} == survivors
+        assert {str(s.id) for s in store.list_sessions()} == survivors
 
 
 @pytest.mark.parametrize("missing", ["idx_messages_session", "idx_messages_timestamp"])
