@@ -1539,6 +1539,14 @@ def test_stdout_holds_only_the_reply(user, server, tmp_path):
     assert "session:" not in err(result)  # stderr is not a terminal here
 
 
+def _read_or_end(fd: int) -> bytes:
+    """What a pseudo-terminal's master has next; b"" once its other side is closed."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+
+
 def test_session_id_on_stderr_when_it_is_a_terminal(user):
     import pty
 
@@ -1548,15 +1556,7 @@ def test_session_id_on_stderr_when_it_is_a_terminal(user):
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
                                 timeout=30)
         os.close(slave)
-        seen = b""
-        while True:
-            try:
-                data = os.read(master, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            seen += data
+        seen = b"".join(iter(lambda: _read_or_end(master), b""))
     finally:
         os.close(master)
     (sid,) = user.session_ids()
@@ -2732,15 +2732,7 @@ def test_sessions_list_on_a_real_pseudo_terminal(user):
         process = subprocess.Popen([*COMMAND, "sessions", "list"], stdout=slave,
                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
         os.close(slave)
-        seen = b""
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            seen += data
+        seen = b"".join(iter(lambda: _read_or_end(master), b""))
         process.wait(timeout=30)
     finally:
         os.close(master)
@@ -3729,11 +3721,6 @@ def on_a_terminal(user: User, *args: str, env: Optional[dict] = None, stdin: Opt
     return subprocess.CompletedProcess(args, process.returncode, out, error)
 
 
-def _read_or_end(fd: int) -> bytes:
-    try:
-        return os.read(fd, 4096)
-    except OSError:
-        return b""
 
 
 @pytest.fixture
