@@ -204,7 +204,7 @@ def signals_held() -> Iterator[None]:
 # What a person reads on a terminal must not drive it: C0 and C1 controls
 # but newline and tab (ESC above all; CR, DEL too) and the bidirectional
 # overrides that reorder a line are shown as escapes (SPEC §8).
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROLS = "[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 
 
 def visible(text: str, stream: Optional[TextIO]) -> str:
@@ -214,7 +214,7 @@ def visible(text: str, stream: Optional[TextIO]) -> str:
         terminal = stream is not None and stream.isatty()
     except ValueError:  # closed
         terminal = False
-    return _CONTROLS.sub(_escaped, text) if terminal else text
+    return re.sub(_CONTROLS, _escaped, text) if terminal else text
 
 
 def _escaped(match: "re.Match[str]") -> str:
@@ -915,14 +915,14 @@ class Migration(namedtuple("Migration", "number title statements")):
     __slots__ = ()
 
 
-_MIGRATION_HEADER = re.compile(r"^--\s*migration:\s*(\d+)\s*(.*?)\s*$")
+_MIGRATION_HEADER = r"^--\s*migration:\s*(\d+)\s*(.*?)\s*$"
 
 
 def parse_migrations(text: str) -> List[Migration]:
     """Split schema.sql at its ``-- migration: N title`` lines."""
     found: List[Tuple[int, str, List[str]]] = []
     for line in text.splitlines():
-        header = _MIGRATION_HEADER.match(line)
+        header = re.match(_MIGRATION_HEADER, line)
         if header:
             found.append((int(header.group(1)), header.group(2), []))
         elif found:
@@ -1174,13 +1174,19 @@ def _summary_from_row(row: Sequence) -> SessionSummary:
                           parse_timestamp(row[4]), parse_timestamp(row[5]), row[6], preview)
 
 
-def _message_from_row(row: Sequence) -> StoredMessage:
-    row = _texts(row, 3, 5, 6, 9)
+_OPTIONAL_TEXT = frozenset({str, type(None)})
+
+
+def _message_from_row(row: Sequence, session_id: Optional[uuid.UUID] = None) -> StoredMessage:
+    """A message row as a record; ``session_id``, when the caller has it
+    parsed already, saves a UUID per row (a long session has thousands)."""
+    if type(row[3]) is not str or not {type(row[5]), type(row[6]), type(row[9])} <= _OPTIONAL_TEXT:
+        _texts(row, 3, 5, 6, 9)  # which one, in the error
     try:
         role = Role(row[2])
     except ValueError:
         raise InvalidData(f"message {row[0]} has unknown role {row[2]!r}") from None
-    return StoredMessage(parse_uuid(row[0]), parse_uuid(row[1]), role, row[3],
+    return StoredMessage(parse_uuid(row[0]), session_id or parse_uuid(row[1]), role, row[3],
                          parse_timestamp(row[4]), *row[5:])
 
 
@@ -1513,9 +1519,11 @@ class SqliteStore:
             _insert_messages(conn, [message])
 
     def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
+        key = _key(session_id)
         rows = self._read(f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                          " WHERE session_id = ? ORDER BY rowid", (_key(session_id),))
-        return [_message_from_row(r) for r in rows]
+                          " WHERE session_id = ? ORDER BY rowid", (key,))
+        shared = parse_uuid(key)  # the same for every row
+        return [_message_from_row(r, shared) for r in rows]
 
     def cleanup(self, config: SessionConfig,
                 protect: Optional[uuid.UUID] = None) -> CleanupResult:
@@ -1861,7 +1869,7 @@ class EventStreamParser:
             self._after_cr = False
         events: List[ServerEvent] = []
         start = 0
-        for end in _LINE_END.finditer(text):
+        for end in re.finditer(_LINE_END, text):
             line = text[start:end.start()]
             if self._pending:
                 line = "".join(self._pending) + line
@@ -1896,7 +1904,7 @@ class EventStreamParser:
 
 # CRLF first, so that it counts as one line end; a CR at the very end of a
 # read may be the first half of a CRLF and is settled by the next read.
-_LINE_END = re.compile(r"\r\n|\r|\n")
+_LINE_END = r"\r\n|\r|\n"
 
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
@@ -2851,7 +2859,7 @@ def session_json(session: Session, messages: Iterable[StoredMessage]) -> Dict[st
 # overrides; escaped too, JSON is safe on any terminal and decodes the same.
 # So are U+2028 and U+2029, where str.splitlines, and so many a reader of
 # JSON Lines, would end a line.
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_JSON_UNSAFE = "[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 
 
 def json_text(value: object, indent: Optional[int] = 2) -> str:
@@ -2859,7 +2867,7 @@ def json_text(value: object, indent: Optional[int] = 2) -> str:
     None, one compact line of JSON Lines (``export --all``, ``--format jsonl``)."""
     text = json.dumps(value, ensure_ascii=False, indent=indent,
                       separators=(",", ": ") if indent is not None else (",", ":"))
-    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+    return re.sub(_JSON_UNSAFE, lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 # -- the fields of a file to import --------------------------------------------------
@@ -2873,13 +2881,13 @@ _JSON_KINDS: Mapping[str, tuple] = MappingProxyType({
     "string": (str,), "integer": (int,), "number": (int, float), "object": (dict,),
     "array": (list,)})
 _ROLES = frozenset(role.value for role in Role)
-_STORED_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_STORED_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
+_STORED_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_STORED_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00"
 # Any ISO 8601 date-time: a space for the T, seconds and fraction optional,
 # "Z", an offset or none (UTC).  It is rewritten for fromisoformat, which on
 # Python 3.9 takes neither "Z" nor fractions other than 3 or 6 digits long.
-_ISO_TIME = re.compile(r"(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d(?::\d\d)?)(?:[.,](\d+))?\s*"
-                       r"(Z|[+-]\d\d(?::?\d\d)?)?", re.IGNORECASE)
+_ISO_TIME = (r"(?i)(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d(?::\d\d)?)(?:[.,](\d+))?\s*"
+             r"(Z|[+-]\d\d(?::?\d\d)?)?")
 
 
 def _fields(value: object, fields: Sequence[Tuple[str, str, bool]], where: str) -> List[Any]:
@@ -2912,7 +2920,7 @@ def _checked_count(count: Optional[int], key: str, where: str) -> Optional[int]:
 
 def imported_id(text: str, where: str) -> str:
     """A UUID from a file in the stored form (hyphenated, lower case)."""
-    if _STORED_ID.fullmatch(text):
+    if re.fullmatch(_STORED_ID, text):
         return text
     try:
         return _key(text)
@@ -2930,10 +2938,10 @@ def foreign_id(source_key: str) -> str:
 def imported_time(text: str, where: str) -> str:
     """An ISO 8601 date-time from a file in the stored form; naive is UTC."""
     try:
-        if _STORED_TIME.fullmatch(text):  # most of an export: only the ranges to check
+        if re.fullmatch(_STORED_TIME, text):  # most of an export: only the ranges to check
             datetime.fromisoformat(text)
             return text
-        match = _ISO_TIME.fullmatch(text.strip())
+        match = re.fullmatch(_ISO_TIME, text.strip())
         if match is None:
             raise ValueError(text)
         day, clock, fraction, offset = match.groups()
@@ -2958,11 +2966,11 @@ def epoch_time(seconds: float, where: str) -> str:
 
 
 _JSON_DECODER = json.JSONDecoder()
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_SPACE = r"[ \t\n\r]*"
+_SURROGATE = "[\ud800-\udfff]"
 # The text of a surrogate escape: decoded, a pair is one character, a lone
 # one a string SQLite cannot store, which the decoded value is searched for.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
 
 
 class JsonValues:
@@ -3004,7 +3012,7 @@ class JsonValues:
     def next_char(self) -> str:
         """Skip whitespace; the next character, or '' at the end of the file."""
         while True:
-            self.pos = _JSON_SPACE.match(self.text, self.pos).end()  # type: ignore[union-attr]
+            self.pos = re.compile(_JSON_SPACE).match(self.text, self.pos).end()  # type: ignore[union-attr]
             if self.pos < len(self.text) or not self._fill(IMPORT_CHUNK):
                 return self.text[self.pos:self.pos + 1]
 
@@ -3031,7 +3039,7 @@ class JsonValues:
             # Doubling what waits before each retry bounds the retries of one
             # value to O(log n): a single huge value still costs linear time.
             self._fill(2 * (len(self.text) - self.pos))
-        if _SURROGATE_ESCAPE.search(self.text, self.pos, end) and _holds_lone_surrogate(value):
+        if re.compile(_SURROGATE_ESCAPE).search(self.text, self.pos, end) and _holds_lone_surrogate(value):
             raise ImportFailure(f"{where}: a string holds an unpaired UTF-16 surrogate, "
                                 f"which is not text")
         self.pos = end
@@ -3043,7 +3051,7 @@ def _holds_lone_surrogate(value: object) -> bool:
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if re.search(_SURROGATE, item):
                 return True
         elif isinstance(item, dict):
             pending.extend(item.values())
@@ -3219,7 +3227,7 @@ def _chatgpt_text(message: Dict[str, Any], where: str) -> Optional[Tuple[str, st
     return (role, text) if text.strip() else None
 
 
-_SPLIT_MEMBER = re.compile(r"conversations-(\d+)\.json")
+_SPLIT_MEMBER = r"conversations-(\d+)\.json"
 
 
 def chatgpt_zip_sessions(path: str) -> Iterator[ImportedSession]:
@@ -3239,8 +3247,8 @@ def chatgpt_zip_sessions(path: str) -> Iterator[ImportedSession]:
     with archive:
         members = archive.infolist()
         members = [m for m in members if m.filename == "conversations.json"] or sorted(
-            (m for m in members if _SPLIT_MEMBER.fullmatch(m.filename)),
-            key=lambda m: int(_SPLIT_MEMBER.fullmatch(m.filename).group(1)))  # type: ignore[union-attr]
+            (m for m in members if re.fullmatch(_SPLIT_MEMBER, m.filename)),
+            key=lambda m: int(re.fullmatch(_SPLIT_MEMBER, m.filename).group(1)))  # type: ignore[union-attr]
         if not members:
             raise ImportFailure("a zip archive without conversations.json "
                                 "(nor conversations-000.json, ...)")
@@ -3914,14 +3922,14 @@ def build_sessions_parser() -> argparse.ArgumentParser:
 
 WHEN_FORMS = ("a date (2026-12-01: local midnight), an ISO 8601 time (2026-12-01T09:30, "
               "local unless it ends in Z or an offset) or a span back from now (90m, 36h, 7d, 2w)")
-_SPAN = re.compile(r"([1-9][0-9]{0,8})([mhdw])")
+_SPAN = r"([1-9][0-9]{0,8})([mhdw])"
 _SPAN_SECONDS = MappingProxyType({"m": 60, "h": 3600, "d": 86400, "w": 604800})
 
 
 def parse_when(text: str) -> datetime:
     """A WHEN of SPEC §3 as a UTC datetime."""
     text = text.strip()
-    span = _SPAN.fullmatch(text)
+    span = re.fullmatch(_SPAN, text)
     try:
         if span:
             return utc_now() - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
