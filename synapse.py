@@ -44,25 +44,16 @@ import time
 from collections import namedtuple
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    Mapping,
-    Optional,
-    Protocol,
-    Sequence,
-    TYPE_CHECKING,
-    TextIO,
-    Tuple,
-    Union,
-)
+# typing is a tenth of every start and only type checkers need its names here
+# (annotations are strings: see the __future__ import); the one runtime use,
+# the SessionStore protocol, is made when first asked for (section 4).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import uuid  # itself imported where IDs are made or read (section 2)
+    from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional,
+                        Sequence, TextIO, Tuple, Union)
 
-if TYPE_CHECKING:  # uuid itself is imported where IDs are made or read (section 2)
-    import uuid
+    Reply = Union[str, "Usage"]  # what stream_chat yields
 
 __version__ = "0.1.0"
 
@@ -879,34 +870,51 @@ def database_path(url: Optional[str] = None, env: Optional[Mapping[str, str]] = 
 # ---------------------------------------------------------------------------
 
 
-class SessionStore(Protocol):
-    """Where sessions and their messages are kept (SPEC §4)."""
+def _session_store_protocol() -> type:
+    """The SessionStore protocol (SPEC §4): what a store of sessions must do,
+    as a ``typing.Protocol``, made on first use (``synapse.SessionStore``)
+    because typing costs every start a tenth and no command needs the class."""
+    from typing import Protocol
 
-    def create_session(self, session: Session, messages: Sequence[StoredMessage] = ()) -> None:
-        """Store a new session, with its first ``messages``, in one transaction."""
+    class SessionStore(Protocol):
+        """Where sessions and their messages are kept (SPEC §4)."""
 
-    def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
-        """The session, or None."""
+        def create_session(self, session: Session, messages: Sequence[StoredMessage] = ()) -> None:
+            """Store a new session, with its first ``messages``, in one transaction."""
 
-    def list_sessions(self, limit: Optional[int] = None,
-                      where: SessionFilter = SessionFilter()) -> List[SessionSummary]:
-        """Summaries, most recently updated first (``where`` filters them)."""
+        def get_session(self, session_id: uuid.UUID) -> Optional[Session]:
+            """The session, or None."""
 
-    def touch_session(self, session_id: uuid.UUID) -> None:
-        """Set ``updated_at`` to now; SessionNotFound if absent."""
+        def list_sessions(self, limit: Optional[int] = None,
+                          where: SessionFilter = SessionFilter()) -> List[SessionSummary]:
+            """Summaries, most recently updated first (``where`` filters them)."""
 
-    def delete_session(self, session_id: uuid.UUID) -> bool:
-        """Delete the session and its messages; True if it existed."""
+        def touch_session(self, session_id: uuid.UUID) -> None:
+            """Set ``updated_at`` to now; SessionNotFound if absent."""
 
-    def add_message(self, message: StoredMessage) -> None:
-        """Append a message and touch its session; SessionNotFound if absent."""
+        def delete_session(self, session_id: uuid.UUID) -> bool:
+            """Delete the session and its messages; True if it existed."""
 
-    def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
-        """The session's messages in the order they were added."""
+        def add_message(self, message: StoredMessage) -> None:
+            """Append a message and touch its session; SessionNotFound if absent."""
 
-    def cleanup(self, config: SessionConfig,
-                protect: Optional[uuid.UUID] = None) -> CleanupResult:
-        """Delete what retention and max_sessions doom, sparing ``protect``."""
+        def get_messages(self, session_id: uuid.UUID) -> List[StoredMessage]:
+            """The session's messages in the order they were added."""
+
+        def cleanup(self, config: SessionConfig,
+                    protect: Optional[uuid.UUID] = None) -> CleanupResult:
+            """Delete what retention and max_sessions doom, sparing ``protect``."""
+
+    SessionStore.__qualname__ = "SessionStore"
+    return SessionStore
+
+
+def __getattr__(name: str) -> Any:
+    """Module attributes made on first use (PEP 562): only SessionStore."""
+    if name == "SessionStore":
+        globals()[name] = _session_store_protocol()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Migration(namedtuple("Migration", "number title statements")):
@@ -1932,9 +1940,6 @@ class Usage(namedtuple("Usage", "input_tokens output_tokens stop_reason",
 
     def merged(self, later: "Usage") -> "Usage":
         return Usage(*(b if b is not None else a for a, b in zip(self, later)))
-
-
-Reply = Union[str, Usage]  # what stream_chat yields
 
 
 def _count(value: object) -> Optional[int]:
@@ -3705,7 +3710,7 @@ class HelpFormatter(argparse.HelpFormatter):
                          width if width is not None else terminal_columns(80) - 2)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
+        if "\n" in text or len(indent + text) <= width:  # (textwrap only for what needs it)
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
 

@@ -1050,7 +1050,7 @@ def test_version_and_listing_import_only_what_they_need(user):
              "    except SystemExit:\n"
              "        pass\n"
              "    print('loaded:', [m for m in ('requests', 'shutil', 'uuid', 'zipfile', 'tempfile',\n"
-             "                                  'pathlib')\n"
+             "                                  'pathlib', 'typing')\n"
              "                      if m in set(sys.modules) - before])\n")
     # -S: no site-packages, whose .pth files may import shutil before synapse does.
     result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, env=user.env,
