@@ -1879,8 +1879,9 @@ class EventStreamParser:
         start = 0
         for end in re.finditer(_LINE_END, text):
             line = text[start:end.start()]
-            if self._pending:
-                line = "".join(self._pending) + line
+            if self._pending:  # joined once: a long line is copied as few times as a short one
+                self._pending.append(line)
+                line = "".join(self._pending)
                 self._pending = []
             events.extend(self._line(line))
             start = end.end()
@@ -1900,9 +1901,12 @@ class EventStreamParser:
             return [event]
         if line.startswith(":"):
             return []  # a comment, such as ": keep-alive"
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
+        colon = line.find(":")
+        if colon < 0:
+            name, value = line, ""
+        else:  # one slice for the value, however long
+            name = line[:colon]
+            value = line[colon + 2 if line.startswith(" ", colon + 1) else colon + 1:]
         if name == "data":
             self._data.append(value)
         elif name == "event":
