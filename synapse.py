@@ -253,7 +253,10 @@ def silence(stream: Optional[TextIO]) -> None:
     """Point a failed stream at /dev/null, so that the interpreter's last
     flush of what is still buffered cannot fail (and say so) again."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # type: ignore[union-attr]
+        fileno = stream.fileno()  # type: ignore[union-attr]
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fileno)
+        os.close(null)
 
 
 # ---------------------------------------------------------------------------
@@ -283,6 +286,30 @@ def format_timestamp(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise InvalidData(f"timestamp {moment!r} has no time zone")
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+# Any ISO 8601 date-time: a space for the T, seconds and fraction optional,
+# "Z", an offset or none.  It is rewritten for fromisoformat, which on
+# Python 3.9 takes neither "Z" nor fractions other than 3 or 6 digits long.
+_ISO_TIME = (r"(?i)(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d(?::\d\d)?)(?:[.,](\d+))?\s*"
+             r"(Z|[+-]\d\d(?::?\d\d)?)?")
+
+
+def iso_datetime(text: str, naive: Optional[timezone] = timezone.utc) -> datetime:
+    """``text``, an ISO 8601 date-time, as an aware datetime: one without a
+    zone is in ``naive`` (None: the local zone).  ValueError if it is none."""
+    match = re.fullmatch(_ISO_TIME, text.strip())
+    if match is None:
+        raise ValueError(text)
+    day, clock, fraction, offset = match.groups()
+    if offset:
+        offset = offset.upper().replace("Z", "+00:00")
+        offset = offset if ":" in offset else f"{offset[:3]}:{offset[3:] or '00'}"
+    fraction = f".{fraction[:6].ljust(6, '0')}" if fraction else ""
+    moment = datetime.fromisoformat(f"{day}T{clock}{fraction}{offset or ''}")
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=naive) if naive else moment.astimezone()
+    return moment
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -1114,6 +1141,13 @@ def _switch_to_wal(conn: sqlite3.Connection, patience: float = 10.0) -> None:
             time.sleep(0.01)
 
 
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """End a failed transaction; SQLite may have ended it already (a full
+    disk does), and then the error worth telling is the one that came first."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
 def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> int:
     """Apply each migration above ``user_version``, each in its own transaction.
 
@@ -1135,7 +1169,7 @@ def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) 
                 version = migration.number
             conn.execute("COMMIT")
         except BaseException as exc:
-            conn.execute("ROLLBACK")
+            _roll_back(conn)
             if isinstance(exc, sqlite3.Error):
                 raise MigrationError(
                     f"migration {migration.number} ({migration.title}) failed: {exc}"
@@ -1183,6 +1217,7 @@ def _summary_from_row(row: Sequence) -> SessionSummary:
 
 
 _OPTIONAL_TEXT = frozenset({str, type(None)})
+_OPTIONAL_INT = frozenset({int, type(None)})
 
 
 def _message_from_row(row: Sequence, session_id: Optional[uuid.UUID] = None) -> StoredMessage:
@@ -1190,6 +1225,9 @@ def _message_from_row(row: Sequence, session_id: Optional[uuid.UUID] = None) -> 
     parsed already, saves a UUID per row (a long session has thousands)."""
     if type(row[3]) is not str or not {type(row[5]), type(row[6]), type(row[9])} <= _OPTIONAL_TEXT:
         _texts(row, 3, 5, 6, 9)  # which one, in the error
+    if not {type(row[7]), type(row[8])} <= _OPTIONAL_INT:
+        raise InvalidData(f"message {row[0]!r} holds token counts that are not numbers; was the "
+                          f"database written by another program?")
     try:
         role = Role(row[2])
     except ValueError:
@@ -1368,8 +1406,9 @@ def _delete_doomed(conn: sqlite3.Connection, bulk: bool) -> None:
 
 def make_snippet(content: str, needle: str, width: int = 70) -> str:
     """About ``width`` characters of ``content`` around the first ``needle``."""
-    at = content.casefold().find(needle.casefold())
-    at = max(at, 0)
+    # Where it is in the text itself (casefolding would move it: "ß" is "ss").
+    found = re.search(re.escape(needle), content, re.IGNORECASE)
+    at = found.start() if found else 0
     start = max(0, at - (width - len(needle)) // 2)
     piece = " ".join(content[start:start + width].split())
     return ("\u2026" if start > 0 else "") + piece + ("\u2026" if start + width < len(content) else "")
@@ -1481,10 +1520,10 @@ class SqliteStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                _roll_back(self._conn)
                 raise
-            self._conn.execute("COMMIT")
 
     def _read(self, sql: str, params: Any = ()) -> List[tuple]:
         with self._errors():
@@ -1617,10 +1656,10 @@ class SqliteStore:
                         session_rows, message_rows = [], []
                 conn.executemany(_STAGE_SESSION, session_rows)
                 conn.executemany(_STAGE_MESSAGE, message_rows)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _roll_back(conn)
                 raise
-            conn.execute("COMMIT")
 
     def _staged(self) -> sqlite3.Connection:
         """The connection, once every file is staged, with the staged messages
@@ -1952,6 +1991,11 @@ def _count(value: object) -> Optional[int]:
     return value if type(value) is int and 0 <= value < 2 ** 63 else None
 
 
+def _reason(value: object) -> Optional[str]:
+    """A stop reason as reported: a non-empty string, or None for anything else."""
+    return value if isinstance(value, str) and value else None
+
+
 def _sample(value: object) -> str:
     return shorten(json.dumps(value, ensure_ascii=False), 80)
 
@@ -2247,8 +2291,8 @@ def _openai_parts(value: Mapping[str, object], key: str) -> Iterator[Reply]:
             raise ProviderFault(f"sent reply text that is not a string: {_sample(value)}")
         if content:
             yield content
-        if choice.get("finish_reason"):
-            yield Usage(stop_reason=str(choice["finish_reason"]))
+        if _reason(choice.get("finish_reason")):
+            yield Usage(stop_reason=_reason(choice.get("finish_reason")))
     usage = value.get("usage")
     if isinstance(usage, dict):  # the body's, or the last chunk's (choices: [])
         yield Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
@@ -2340,7 +2384,7 @@ def anthropic_body(value: Mapping[str, object]) -> Iterator[Reply]:
     usage = value.get("usage")
     yield _anthropic_input(usage)._replace(
         output_tokens=_count(usage.get("output_tokens")) if isinstance(usage, dict) else None,
-        stop_reason=value.get("stop_reason") or None)
+        stop_reason=_reason(value.get("stop_reason")))
 
 
 def anthropic_texts(events: Iterable[ServerEvent]) -> Iterator[Reply]:
@@ -2360,7 +2404,7 @@ def anthropic_texts(events: Iterable[ServerEvent]) -> Iterator[Reply]:
         elif kind == "message_delta":
             delta, usage = value.get("delta"), value.get("usage")
             yield Usage(None, _count(usage.get("output_tokens")) if isinstance(usage, dict) else None,
-                        (delta.get("stop_reason") or None) if isinstance(delta, dict) else None)
+                        _reason(delta.get("stop_reason")) if isinstance(delta, dict) else None)
         elif kind == "message_stop":
             return
         elif kind == "error":
@@ -2635,6 +2679,11 @@ class Conversation:
         return next((i for i in range(len(self.history) - 1, -1, -1)
                      if self.history[i].role == Role.USER), None)
 
+    def retry_replaces(self) -> bool:
+        """Whether a retry now would replace a reply (the last user message has one)."""
+        asked = self.last_question()
+        return asked is not None and asked < len(self.history) - 1
+
     def retry(self, out: Callable[[str], None]) -> Optional[StoredMessage]:
         """Ask again for the last user message (SPEC §10).  A complete new
         reply replaces what followed it, in one transaction; when it had no
@@ -2892,12 +2941,6 @@ _JSON_KINDS: Mapping[str, tuple] = MappingProxyType({
 _ROLES = frozenset(role.value for role in Role)
 _STORED_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _STORED_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00"
-# Any ISO 8601 date-time: a space for the T, seconds and fraction optional,
-# "Z", an offset or none (UTC).  It is rewritten for fromisoformat, which on
-# Python 3.9 takes neither "Z" nor fractions other than 3 or 6 digits long.
-_ISO_TIME = (r"(?i)(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d(?::\d\d)?)(?:[.,](\d+))?\s*"
-             r"(Z|[+-]\d\d(?::?\d\d)?)?")
-
 
 def _fields(value: object, fields: Sequence[Tuple[str, str, bool]], where: str) -> List[Any]:
     """The values of a JSON object's ``fields``, each (key, JSON kind -- a key
@@ -2950,15 +2993,7 @@ def imported_time(text: str, where: str) -> str:
         if re.fullmatch(_STORED_TIME, text):  # most of an export: only the ranges to check
             datetime.fromisoformat(text)
             return text
-        match = re.fullmatch(_ISO_TIME, text.strip())
-        if match is None:
-            raise ValueError(text)
-        day, clock, fraction, offset = match.groups()
-        offset = (offset or "+00:00").upper().replace("Z", "+00:00")
-        if ":" not in offset:
-            offset = f"{offset[:3]}:{offset[3:] or '00'}"
-        fraction = f".{fraction[:6].ljust(6, '0')}" if fraction else ""
-        return format_timestamp(parse_timestamp(f"{day}T{clock}{fraction}{offset}"))
+        return format_timestamp(iso_datetime(text))
     except (ValueError, OverflowError, InvalidData):
         raise ImportFailure(f"{where}: {shorten(text, 40)!r} is not an ISO 8601 date-time") from None
 
@@ -3172,11 +3207,11 @@ def chatgpt_session(conversation: object, where: str) -> Optional[ImportedSessio
     path: List[str] = []
     node_id = _field(conversation, "current_node", "string", where, True)
     while node_id is not None:
-        if node_id in path:
-            raise ImportFailure(f"{where}: its parent links form a cycle at node {node_id}")
         node = mapping.get(node_id)
         if not isinstance(node, dict):
             raise ImportFailure(f"{where}: node {node_id} is missing from the mapping")
+        if len(path) >= len(mapping):  # more steps than nodes: the links go round
+            raise ImportFailure(f"{where}: its parent links form a cycle at node {node_id}")
         path.append(node_id)
         node_id = _field(node, "parent", "string", f"{where}: node {node_id}")
     session_id = foreign_id(f"chatgpt:{cid}")
@@ -3591,12 +3626,18 @@ def _on_disk(path: str, chunks: Iterator[bytes]) -> Iterator[str]:
     import shutil
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="synapse-import-")  # mode 0700
+    folder = None
     try:
+        folder = tempfile.mkdtemp(prefix="synapse-import-")  # mode 0700
         copy = os.path.join(folder, "stdin")
         with open(create_private_file(copy), "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
+    except OSError as exc:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise ImportFailure(f"cannot keep a copy of it to read ({exc.strerror or exc})") from None
+    try:
         yield copy
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # with any -journal SQLite left
@@ -3942,9 +3983,10 @@ def parse_when(text: str) -> datetime:
     try:
         if span:
             return utc_now() - timedelta(seconds=int(span.group(1)) * _SPAN_SECONDS[span.group(2)])
-        moment = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", text))
         # No zone: the user's local time, as a date means local midnight.
-        return (moment if moment.tzinfo else moment.astimezone()).astimezone(timezone.utc)
+        moment = (datetime.fromisoformat(text).astimezone() if re.fullmatch(r"\d{4}-\d\d-\d\d", text)
+                  else iso_datetime(text, naive=None))
+        return moment.astimezone(timezone.utc)
     except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a time; give {WHEN_FORMS}") from None
 
@@ -4006,7 +4048,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-PATH_ARGUMENTS = frozenset({"config", "files", "output"})  # names the OS must find as given
+PATH_ARGUMENTS = frozenset({"config", "files", "output", "file"})  # the OS must find them as given
 
 
 def _clean_arguments(args: argparse.Namespace) -> argparse.Namespace:
@@ -4107,7 +4149,8 @@ def _fitted_widths(natural: Mapping[str, int], columns: int) -> Dict[str, int]:
         widths[heading] = max(floor, widths[heading] - max(excess(), 0))
     if excess() > 0:
         widths["ID"] = NARROWEST_CELL
-        widths["PREVIEW"] = min(natural["PREVIEW"], widths["PREVIEW"] - excess())
+        # Still too wide: PREVIEW goes (width 0, not negative) before a row wraps.
+        widths["PREVIEW"] = max(0, min(natural["PREVIEW"], widths["PREVIEW"] - excess()))
     return widths
 
 
@@ -4543,8 +4586,8 @@ def command_chat(args: argparse.Namespace, config: Config) -> int:
 
 
 def _retry(conversation: Conversation, config: Config) -> None:
-    asked = conversation.last_question()
-    answered = asked is not None and asked < len(conversation.history) - 1
+    """--retry and /retry; stopped, it says that the old reply stayed."""
+    answered = conversation.retry_replaces()
     try:
         _warn_if_cut_off(conversation.retry(emit), config)
     except (KeyboardInterrupt, Terminated):
@@ -4576,10 +4619,14 @@ def edit_message(text: str) -> str:
                 except OSError:
                     raise UsageError("--edit needs a terminal for the editor, and there is "
                                      "none") from None
-        fd, path = tempfile.mkstemp(prefix="synapse-", suffix=".md")  # mode 0600
-        cleanup.callback(_remove_draft, path)
-        with open(fd, "w", encoding="utf-8") as draft:
-            draft.write(text)
+        try:
+            fd, path = tempfile.mkstemp(prefix="synapse-", suffix=".md")  # mode 0600
+            cleanup.callback(_remove_draft, path)
+            with open(fd, "w", encoding="utf-8") as draft:
+                draft.write(text)
+        except OSError as exc:
+            raise SynapseError(f"cannot write the editor's file ({exc.strerror or exc}); "
+                               f"nothing was sent") from None
         try:
             finished = subprocess.run([*editor, path], **streams)  # type: ignore[call-overload]
         except OSError as exc:
@@ -4756,7 +4803,12 @@ def _repl_command(line: str, conversation: Conversation) -> Optional[str]:
         conversation.start_new()
         note("Started a new session.")
     elif command == "/retry":
-        _retry(conversation, conversation.config)
+        answered = conversation.retry_replaces()
+        try:
+            _retry(conversation, conversation.config)
+        except KeyboardInterrupt:  # back to the prompt, having said what stayed
+            if not answered:
+                note("(reply stopped; what arrived was kept)")
     elif command == "/undo":
         try:
             count = _positive_int(argument or "1")

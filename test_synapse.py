@@ -483,7 +483,7 @@ def test_touch_session(store):
 
 def test_list_sessions_order_counts_and_limit(store):
     a = make_session(store, name="a")
-    b = make_session(store, name="b")
+    make_session(store, name="b")
     c = make_session(store, name="c")
     for i in range(3):
         store.add_message(synapse.StoredMessage.new(a.id, synapse.Role.USER, f"a{i}"))
@@ -971,7 +971,7 @@ def test_config_with_key_readable_by_others_warns_once(tmp_path, capsys):
 
 
 def test_provider_resolution_rules(tmp_path):
-    path = write(tmp_path / "c.toml", f"""
+    path = write(tmp_path / "c.toml", """
 provider = "deepseek"
 api_key = "top-key"
 base_url = "http://top"
@@ -1902,7 +1902,7 @@ def test_sigint_during_a_slow_stream_keeps_the_partial_reply(user, server):
 
 
 def test_api_key_never_in_any_output(user, server):
-    user.use_server(server, extra=f'\n')
+    user.use_server(server, extra='\n')
     server.queue(json_error(401, {"error": {"message": f"Incorrect API key provided: {KEY}",
                                             "type": "invalid_request_error"}}))
     outputs = [user.run("hi", env={"SYNAPSE_DEBUG": "1"})]
@@ -2002,6 +2002,8 @@ def test_sessions_search_order_limit_and_snippet(user):
     assert [d["id"] for d in data] == [ids[2], ids[1]]
     assert len(data[0]["snippet"]) <= 80 and "needle number 2" in data[0]["snippet"]
     assert synapse.make_snippet("x" * 200 + "target" + "y" * 200, "TARGET").count("target") == 1
+    # "\u0130".lower() is two characters: the needle is found in the text as it is.
+    assert "target" in synapse.make_snippet("\u0130" * 200 + " target " + "y" * 200, "target")
 
 
 def test_sessions_cleanup_and_dry_run(user):
@@ -3165,6 +3167,20 @@ def test_partial_replies_record_why_they_ended(user, server):
         (None, None, None)]
 
 
+@pytest.mark.parametrize("reason", ["", 7, ["end_turn"]])
+def test_a_stop_reason_that_is_not_a_name_is_not_stored(user, server, reason):
+    user.use_server(server, provider="anthropic")
+    server.queue(Reply(chunks=[
+        anthropic_event("message_start", message={"usage": {"input_tokens": 3}})
+        + anthropic_event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        + anthropic_event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"})
+        + anthropic_event("message_delta", delta={"stop_reason": reason}, usage={"output_tokens": 2})
+        + anthropic_event("message_stop")]))
+    user.ok("hi")
+    assert user.rows("SELECT content, stop_reason FROM messages WHERE role = 'assistant'") == [("Hi", None)]
+    assert "Hi" in text(user.run("sessions", "show", user.session_ids()[0]))
+
+
 def test_a_cut_off_reply_without_text_is_an_error_then_the_warning(user, server):
     user.use_server(server, provider="anthropic", extra="max_tokens = 16\n")
     body = (anthropic_event("message_start", message={"usage": {"input_tokens": 9}})
@@ -3299,6 +3315,13 @@ def test_when_forms():
                                                                        tzinfo=timezone.utc)
     local_midnight = datetime(2026, 12, 1).astimezone()
     assert synapse.parse_when("2026-12-01") == local_midnight.astimezone(timezone.utc)
+    # Forms that Python 3.9's fromisoformat refuses, and ChatGPT-style exports use:
+    assert synapse.parse_when("2026-12-01T09:30:15+0530") == datetime(2026, 12, 1, 4, 0, 15,
+                                                                      tzinfo=timezone.utc)
+    assert synapse.parse_when("2026-12-01T09:30:15.5Z") == datetime(2026, 12, 1, 9, 30, 15, 500000,
+                                                                    tzinfo=timezone.utc)
+    assert synapse.iso_datetime("2026-12-01 09:30:15.1234567") == datetime(
+        2026, 12, 1, 9, 30, 15, 123456, tzinfo=timezone.utc)
 
 
 def test_bad_usage_options_and_prices(user):
@@ -3930,6 +3953,12 @@ def test_undecodable_bytes_in_any_text_argument(user):
                                 capture_output=True, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, (argv, err(result))
     assert user.rows("SELECT model FROM sessions ORDER BY rowid")[-1] == ("\ufffd",)
+    # A path keeps its bytes: the file is the one the user named.
+    backup = os.fsencode(user.root) + b"/copy-\xff.db"
+    result = subprocess.run([os.fsencode(a) for a in COMMAND] + [b"sessions", b"backup", backup],
+                            env=user.env, capture_output=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, err(result)
+    assert os.path.isfile(backup) and not os.path.exists(os.fsencode(user.root) + b"/copy-\xef\xbf\xbd.db")
 
 
 def test_foreign_and_odd_database_files_are_refused_untouched(user, tmp_path):
@@ -3959,6 +3988,16 @@ def test_text_where_another_program_stored_a_blob(user):
     conn.close()
     for args in (["sessions", "show", sid], ["sessions", "list"], ["sessions", "export", sid]):
         assert_one_error_line(user.run(*args), 1, "bytes where text belongs")
+
+
+def test_token_counts_where_another_program_stored_text(user):
+    sid = chat_session(user, "fine")
+    conn = sqlite3.connect(user.db_path)
+    conn.execute("UPDATE messages SET input_tokens = 'many' WHERE role = 'assistant'")
+    conn.commit()
+    conn.close()
+    for args in (["sessions", "show", sid], ["sessions", "export", sid, "--format", "json"]):
+        assert_one_error_line(user.run(*args), 1, "token counts that are not numbers")
 
 
 def test_a_failing_stderr_never_changes_the_exit_status(user):
