@@ -2125,7 +2125,8 @@ class Tmux:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 def test_repl_in_a_real_terminal(user, server, tmp_path):
     user.use_server(server)
-    server.queue(Reply(chunks=[openai_stream("Streamed", " reply")]), slow_stream(pieces=200, delay=0.1))
+    server.queue(Reply(chunks=[openai_stream("Streamed", " reply")]), slow_stream(pieces=200, delay=0.1),
+                 slow_stream(pieces=200, delay=0.1))
     tmux = Tmux(tmp_path / "tmux.sock", {**user.env, "TERM": "xterm"})
     log = tmp_path / "stderr.log"
     command = (f"{sys.executable} {SYNAPSE} -r 2>{log}; echo EXITED $?; "
@@ -2146,10 +2147,19 @@ def test_repl_in_a_real_terminal(user, server, tmp_path):
                                 ("user", "Tell me a long story")]
         assert messages[3][0] == "assistant" and messages[3][1].startswith("w0 w1 w2 w3")
         assert len(messages[3][1].split()) < 200
+        # A stopped /retry keeps the reply it would have replaced, and says so.
+        tmux("send-keys", "-t", "t", "/retry", "Enter")
+        tmux.wait_for(lambda s: s.count("w3 ") >= 2)
+        tmux("send-keys", "-t", "t", "C-c")
+        screen = tmux.wait_for(lambda s: s.rstrip().endswith(">") and s.count("w3 ") >= 2)
+        assert "EXITED" not in screen
+        assert user.messages() == messages
         tmux("send-keys", "-t", "t", "C-d")
         screen = tmux.wait_for(lambda s: "EXITED" in s)
         assert "EXITED 0" in screen
         assert f"session: {sid}" in log.read_text()
+        assert "the retry was stopped; the old reply was kept" in log.read_text()
+        assert log.read_text().count("what arrived was kept") == 1  # the first Ctrl-C's, only
         history = user.config_dir / "history"
         assert history.exists() and stat.S_IMODE(history.stat().st_mode) == 0o600
         assert "Hello there" in history.read_text()
