@@ -20,7 +20,9 @@ The module reads top to bottom in the order data flows:
                          Synapse, ChatGPT and llm files to import
 8. command line       -- argparse; the chat, ``sessions``, ``usage`` and
                          ``models`` commands; the editor; the REPL
-9. main               -- the one place that maps exceptions to exit codes
+9. main               -- where an exception that ends a command becomes its
+                         error line and exit code (a command that goes on
+                         past a failed item, or the REPL, reports it itself)
 
 The contract it honours is SPEC.md.  ``requests`` is imported only when a
 provider is actually called, so ``--help``, ``--version`` and every
@@ -124,7 +126,6 @@ class ImportFailure(SynapseError):
 
 class AmbiguousSessionID(SynapseError):
     def __init__(self, prefix: str, matches: Sequence[str]):
-        self.matches = list(matches)
         listing = "".join(f"\n  {m}" for m in matches)
         super().__init__(
             f"session ID prefix '{prefix}' is ambiguous; give more characters. "
@@ -277,6 +278,9 @@ class Role(str, enum.Enum):
         return self.value
 
 
+MAX_COUNT = 2 ** 63 - 1  # the largest integer SQLite stores: tokens, limits, counts
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -423,11 +427,10 @@ class ImportCounts(namedtuple("ImportCounts", "sessions messages unchanged")):
     __slots__ = ()
 
 
-class ImportedSession(namedtuple("ImportedSession", "where session messages")):
+class ImportedSession(namedtuple("ImportedSession", "session messages")):
     """A session as read from a file to import: ``session`` its row and
     ``messages`` its messages' rows, tuples in the stored columns' order with
-    IDs and times as stored text; ``where`` says where in the file it was
-    ("line 3", "item 2 (conversation …)")."""
+    IDs and times as stored text."""
 
     __slots__ = ()
 
@@ -1988,7 +1991,7 @@ class Usage(namedtuple("Usage", "input_tokens output_tokens stop_reason",
 def _count(value: object) -> Optional[int]:
     """A token count as reported, or None for a null, a missing or an odd
     one (a bool, a negative, more than SQLite can hold)."""
-    return value if type(value) is int and 0 <= value < 2 ** 63 else None
+    return value if type(value) is int and 0 <= value <= MAX_COUNT else None
 
 
 def _reason(value: object) -> Optional[str]:
@@ -2876,7 +2879,7 @@ def compose_message(argument: Optional[str], piped: str, files: Sequence[str] = 
     between them, trailing whitespace stripped (possibly empty)."""
     parts = [file_block(path) for path in files]
     parts += [piped] if piped else []
-    parts += [clean_text(argument)] if argument is not None else []
+    parts += [argument] if argument is not None else []
     return "\n\n".join(parts).rstrip()
 
 
@@ -2888,7 +2891,7 @@ def require_text(message: str) -> str:
 
 # ---------------------------------------------------------------------------
 # 7. Portability -- export as JSON Lines, import from Synapse, ChatGPT and llm
-#    files, backup
+#    files
 #
 # The JSON a session is written as, and the readers of every kind of file
 # ``sessions import`` takes.  A reader turns a file into ImportedSession
@@ -2934,7 +2937,6 @@ def json_text(value: object, indent: Optional[int] = 2) -> str:
 IMPORT_CHUNK = 1 << 20  # bytes read at a time
 MAX_ZIP_MEMBER = 1 << 30  # bytes a zip member may unpack to,
 MAX_ZIP_RATIO = 200  # and times its compressed size (a zip bomb is refused unread)
-MAX_COUNT = 2 ** 63 - 1  # what SQLite can store
 _JSON_KINDS: Mapping[str, tuple] = MappingProxyType({
     "string": (str,), "integer": (int,), "number": (int, float), "object": (dict,),
     "array": (list,)})
@@ -3175,8 +3177,8 @@ def synapse_session(value: object, where: str) -> ImportedSession:
     row[6] = imported_time(row[6], f"{where}: 'updated_at'")
     if row[7] is not None:
         row[7] = imported_id(row[7], f"{where}: 'forked_from'")
-    return ImportedSession(where, tuple(row), [_synapse_message(m, session_id, f"{where}: message {i}")
-                                               for i, m in enumerate(messages, 1)])
+    return ImportedSession(tuple(row), [_synapse_message(m, session_id, f"{where}: message {i}")
+                                        for i, m in enumerate(messages, 1)])
 
 
 def _synapse_message(value: object, session_id: str, where: str) -> tuple:
@@ -3240,7 +3242,7 @@ def chatgpt_session(conversation: object, where: str) -> Optional[ImportedSessio
                          "openai" if role == "assistant" else None, slug, None, None, None))
     if not messages:
         return None
-    return ImportedSession(where, (
+    return ImportedSession((
         session_id, _field(conversation, "title", "string", where), "openai", model, system_prompt,
         created, created if updated is None else epoch_time(updated, f"{where}: 'update_time'"),
         None), messages)
@@ -3526,7 +3528,7 @@ def _llm_session(cid: str, name: object, calls: List[Dict[str, Any]],
                              c["model"], c["input_tokens"], c["output_tokens"], None))
     last = calls[-1]
     system = next((c["system"] for c in calls if c["system"]), None)
-    return ImportedSession(where, (
+    return ImportedSession((
         session_id, name, llm_provider(last["model"], default_provider), last["model"], system,
         calls[0]["when"], last["when"], None), messages)
 
@@ -3837,8 +3839,8 @@ def _whole_number(text: str, least: int) -> int:
     if not re.fullmatch(r"\s*[-+]?[0-9]+\s*", text):  # int() takes "1_0" and other digits too
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number")
     value = int(text)
-    if not least <= value <= 2 ** 63 - 1:  # what SQLite can count to
-        raise argparse.ArgumentTypeError(f"must be from {least} to {2 ** 63 - 1}")
+    if not least <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be from {least} to {MAX_COUNT}")
     return value
 
 
@@ -4219,7 +4221,7 @@ def command_delete(args: argparse.Namespace, config: Config) -> int:
 def command_rename(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         session_id = resolve_session_id(store, args.id)
-        name = clean_text(args.name).strip() or None
+        name = args.name.strip() or None
         store.rename_session(session_id, name)
     emit(f"Renamed session {session_id} to {name!r}\n" if name
          else f"Cleared the name of session {session_id}\n")
@@ -4376,7 +4378,7 @@ def command_backup(args: argparse.Namespace, config: Config) -> int:
 
 
 def command_search(args: argparse.Namespace, config: Config) -> int:
-    text = clean_text(args.text)
+    text = args.text
     if not text:
         raise UsageError("the search text is empty")
     with open_store(config) as store:
@@ -4416,8 +4418,7 @@ def command_undo(args: argparse.Namespace, config: Config) -> int:
 def command_fork(args: argparse.Namespace, config: Config) -> int:
     with open_store(config) as store:
         source = load_session(store, args.id)
-        fork, messages = forked(source, store.get_messages(source.id), args.undo,
-                                clean_text(args.name) if args.name is not None else None)
+        fork, messages = forked(source, store.get_messages(source.id), args.undo, args.name)
         store.create_session(fork, messages)
     emit(f"{fork.id}\n")  # alone, for $(synapse sessions fork ...)
     return EXIT_OK
@@ -4541,7 +4542,7 @@ def chat_plan(args: argparse.Namespace, config: Config) -> ChatPlan:
     if args.retry and session is None:
         raise UsageError("--retry asks again in a stored session: give -s ID or -C")
     provider, model, temperature = args.provider, args.model, None
-    system = clean_text(args.system) if args.system else None
+    system = args.system or None
     if args.role is not None:
         if session is not None:
             raise UsageError("--role shapes a new session; it cannot go with -s or -C")
@@ -4554,7 +4555,7 @@ def chat_plan(args: argparse.Namespace, config: Config) -> ChatPlan:
         provider, model = provider or role.provider, model or (None if provider else role.model)
         temperature = role.temperature
     return ChatPlan(session, provider, model, system,
-                    clean_text(args.name) if args.name else None, temperature,
+                    args.name or None, temperature,
                     not args.no_stream, not args.no_save)
 
 
@@ -4833,7 +4834,8 @@ def _repl_command(line: str, conversation: Conversation) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------
-# 9. main: the one place that turns exceptions into messages and exit codes.
+# 9. main: an exception that ends a command becomes one error line and its
+#    exit code here.
 # ---------------------------------------------------------------------------
 
 

@@ -3958,11 +3958,15 @@ def test_arguments_that_once_slipped_through(user, args):
 def test_undecodable_bytes_in_any_text_argument(user):
     user.ok("-p", "echo", "seed")
     for argv in ([b"-p", b"echo", b"-m", b"\xff", b"hi"], [b"sessions", b"list", b"--model", b"\xfe"],
-                 [b"usage", b"--provider", b"\xff"], [b"sessions", b"search", b"--provider", b"\xff", b"x"]):
+                 [b"usage", b"--provider", b"\xff"], [b"sessions", b"search", b"--provider", b"\xff", b"x"],
+                 [b"-p", b"echo", b"--name", b"n\xff", b"--system", b"s\xfe", b"hi \xff"],
+                 [b"sessions", b"search", b"\xff"]):
         result = subprocess.run([os.fsencode(a) for a in COMMAND] + argv, env=user.env,
                                 capture_output=True, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, (argv, err(result))
-    assert user.rows("SELECT model FROM sessions ORDER BY rowid")[-1] == ("\ufffd",)
+    assert user.rows("SELECT model FROM sessions ORDER BY rowid")[-2] == ("\ufffd",)
+    assert user.rows("SELECT name, system_prompt FROM sessions ORDER BY rowid")[-1] == ("n\ufffd", "s\ufffd")
+    assert user.messages()[-2] == ("user", "hi \ufffd")
     # A path keeps its bytes: the file is the one the user named.
     backup = os.fsencode(user.root) + b"/copy-\xff.db"
     result = subprocess.run([os.fsencode(a) for a in COMMAND] + [b"sessions", b"backup", backup],
