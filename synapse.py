@@ -1917,21 +1917,36 @@ class EventStreamParser:
             if text[0] == "\n":
                 text = text[1:]
             self._after_cr = False
+        if "\n" not in text and "\r" not in text:  # inside a line: a search, not a regex scan
+            if text:
+                self._pending.append(text)
+            return []
         events: List[ServerEvent] = []
         start = 0
         for end in re.finditer(_LINE_END, text):
-            line = text[start:end.start()]
-            if self._pending:  # joined once: a long line is copied as few times as a short one
-                self._pending.append(line)
-                line = "".join(self._pending)
+            piece = text[start:end.start()]
+            if self._pending:
+                self._pending.append(piece)
+                events.extend(self._joined_line(self._pending))
                 self._pending = []
-            events.extend(self._line(line))
+            else:
+                events.extend(self._line(piece))
             start = end.end()
         if start < len(text):
             self._pending.append(text[start:])
         elif text.endswith("\r"):
             self._after_cr = True
         return events
+
+    def _joined_line(self, pieces: List[str]) -> List[ServerEvent]:
+        """A line that came in pieces, joined once: the field's name is cut
+        off the first piece before the join, so a long value is copied once."""
+        first = pieces[0]
+        colon = first.find(":")
+        if 0 < colon < len(first) - 1:
+            pieces[0] = first[colon + 2 if first[colon + 1] == " " else colon + 1:]
+            return self._field(first[:colon], "".join(pieces))
+        return self._line("".join(pieces))
 
     def _line(self, line: str) -> List[ServerEvent]:
         if not line:
@@ -1941,19 +1956,17 @@ class EventStreamParser:
             event = ServerEvent(self._event or "message", "\n".join(self._data))
             self._event, self._data = "", []
             return [event]
-        if line.startswith(":"):
-            return []  # a comment, such as ": keep-alive"
         colon = line.find(":")
         if colon < 0:
-            name, value = line, ""
-        else:  # one slice for the value, however long
-            name = line[:colon]
-            value = line[colon + 2 if line.startswith(" ", colon + 1) else colon + 1:]
+            return self._field(line, "")
+        return self._field(line[:colon], line[colon + 2 if line.startswith(" ", colon + 1) else colon + 1:])
+
+    def _field(self, name: str, value: str) -> List[ServerEvent]:
         if name == "data":
             self._data.append(value)
         elif name == "event":
             self._event = value
-        return []
+        return []  # any other field, or a comment (": keep-alive", an empty name)
 
 
 # CRLF first, so that it counts as one line end; a CR at the very end of a

@@ -1812,6 +1812,11 @@ def test_event_stream_parser_rules():
                       synapse.ServerEvent("message", "x\ny"),
                       synapse.ServerEvent("message", "\u2028 inside \u2029 and \x85 too"),
                       synapse.ServerEvent("message", "last without blank line")]
+    for cut in range(1, len(stream)):  # a field's name, colon and space split across reads too
+        for second in (cut + 1, cut + 7):
+            parser = synapse.EventStreamParser()
+            pieces = (stream[:cut], stream[cut:second], stream[second:])
+            assert [e for p in pieces for e in parser.feed(p)] + parser.close() == events, cut
 
 
 def test_one_byte_network_writes_and_split_multibyte_characters(user, server):
