@@ -2307,8 +2307,9 @@ def _openai_parts(value: Mapping[str, object], key: str) -> Iterator[Reply]:
             raise ProviderFault(f"sent reply text that is not a string: {_sample(value)}")
         if content:
             yield content
-        if _reason(choice.get("finish_reason")):
-            yield Usage(stop_reason=_reason(choice.get("finish_reason")))
+        reason = _reason(choice.get("finish_reason"))
+        if reason:
+            yield Usage(stop_reason=reason)
     usage = value.get("usage")
     if isinstance(usage, dict):  # the body's, or the last chunk's (choices: [])
         yield Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
@@ -2872,7 +2873,8 @@ def file_block(path: str) -> str:
         with open(os.path.expanduser(path), "rb") as attached:
             data = attached.read()
     except OSError as exc:
-        reason = "is a directory" if isinstance(exc, IsADirectoryError) else f"cannot be read ({exc.strerror})"
+        reason = ("is a directory" if isinstance(exc, IsADirectoryError)
+                  else f"cannot be read ({exc.strerror})")
         raise UsageError(f"{path} {reason}; -f attaches a text file") from None
     try:
         if b"\0" in data:
