@@ -473,6 +473,17 @@ def test_add_message_updates_session_and_refuses_unknown_session(store):
     assert caught.value.session_id is not None
 
 
+def test_a_transaction_sqlite_ended_itself_reports_the_first_error(store):
+    # A full disk makes SQLite roll back on its own; the ROLLBACK after it must
+    # not replace that error with "no transaction is active".
+    with pytest.raises(synapse.DatabaseError, match="is full; free some space"):
+        with store._write() as conn:
+            conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+    session = make_session(store, name="after")  # and the store writes on
+    assert store.get_session(session.id).name == "after"
+
+
 def test_touch_session(store):
     session = make_session(store, updated=NOW - timedelta(days=3))
     store.touch_session(session.id)
